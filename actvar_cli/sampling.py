@@ -1,0 +1,158 @@
+"""Autoregressive next-scale generation with classifier-free guidance.
+
+Randomness comes in two modes:
+
+* per image (default): image ``i`` of a run draws from its own generator seeded from
+  ``(seed, i)``, so a run split over processes, resumed after a crash, or batched
+  differently picks the same tokens for the same image;
+* upstream (``--upstream-seeding``): one generator seeded with ``seed`` per batch and a
+  single ``torch.multinomial`` over the whole batch per scale, exactly as upstream's
+  ``autoregressive_infer_cfg`` (this reproduces its seeded images bit for bit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import SparsityPolicy
+from .model import VAR
+from .vqvae import VQVAE
+
+Rng = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Upstream's FID recipe by default: cfg 1.5, top-k 900, top-p 0.96, no smoothing."""
+
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    more_smooth: bool = False
+
+
+@dataclass
+class Generation:
+    f_hat: torch.Tensor  # B, Cvae, H, W (float32)
+    tokens: list[torch.Tensor]  # per scale, B x pn*pn
+    logits: list[torch.Tensor] = field(default_factory=list)  # per scale, 2B x n x V (if asked)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 63-bit seed that depends only on (seed, index)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def image_generators(seed: int, indices: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Upstream's masking: keep the top-k logits, then drop the tail whose ascending
+    cumulative probability is <= 1 - top_p (always keeping the largest)."""
+    logits = logits_BlV.clone()
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
+    return logits
+
+
+def sample_tokens(logits_BlV: torch.Tensor, rng: Rng) -> torch.Tensor:
+    """One token per position (B, n) from already-filtered logits."""
+    B, n, V = logits_BlV.shape
+    probs = logits_BlV.softmax(dim=-1)
+    if rng is None or isinstance(rng, torch.Generator):
+        return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, n)
+    return torch.stack(
+        [torch.multinomial(probs[b], num_samples=1, replacement=True, generator=g)[:, 0] for b, g in enumerate(rng)]
+    )
+
+
+def _gumbel_soft(logits: torch.Tensor, tau: float, rng: Rng) -> torch.Tensor:
+    """Soft Gumbel-softmax with explicit generators (upstream's ``gumbel_softmax_with_rng``)."""
+    if rng is None:
+        return F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+    noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format)
+    if isinstance(rng, torch.Generator):
+        noise.exponential_(generator=rng)
+    else:
+        for b, g in enumerate(rng):
+            noise[b].exponential_(generator=g)
+    return ((logits - noise.log()) / tau).softmax(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: VAR,
+    vae: VQVAE,
+    labels_B: torch.Tensor,
+    opts: SamplingOptions = SamplingOptions(),
+    rng: Rng = None,
+    policy: SparsityPolicy | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Generate token pyramids for ``labels_B``; the model runs CFG rows [cond; uncond]."""
+    B = labels_B.shape[0]
+    device = labels_B.device
+    patch_nums = model.cfg.patch_nums
+    SN = len(patch_nums)
+    quant = vae.quantize
+    Cvae, HW = quant.Cvae, patch_nums[-1]
+
+    label_2B = torch.cat((labels_B, torch.full_like(labels_B, model.num_classes)))
+    sos = cond_BD = model.class_emb(label_2B)
+    lvl_pos = model.lvl_pos()
+    first = model.first_l
+    x = sos.unsqueeze(1).expand(2 * B, first, -1) + model.pos_start.expand(2 * B, first, -1) + lvl_pos[:, :first]
+    cache = model.new_cache()
+    f_hat = torch.zeros(B, Cvae, HW, HW, device=device, dtype=torch.float32)
+    tokens, kept_logits = [], []
+    cur = 0
+    for si, pn in enumerate(patch_nums):
+        ratio = si / (SN - 1)
+        cur += pn * pn
+        logits_2BlV = model.generation_step(x, cond_BD, si, cache, policy)
+        if keep_logits:
+            kept_logits.append(logits_2BlV.float())
+        t = opts.cfg * ratio
+        guided = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+        guided = filter_top_k_top_p(guided.float(), opts.top_k, opts.top_p)
+        idx_Bl = sample_tokens(guided, rng)
+        tokens.append(idx_Bl)
+        with torch.autocast(device_type=device.type, enabled=False):
+            if opts.more_smooth:  # visual smoothing only; never used for FID
+                tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+                h_BlC = _gumbel_soft(guided.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
+            else:
+                h_BlC = quant.embedding(idx_Bl)
+            h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn).float()
+            f_hat, next_map = quant.next_autoregressive_input(si, f_hat, h_BChw)
+        if si != SN - 1:
+            nxt = next_map.view(B, Cvae, -1).transpose(1, 2)  # B, pn_next^2, Cvae
+            x = model.word_embed(nxt) + lvl_pos[:, cur : cur + patch_nums[si + 1] ** 2]
+            x = x.repeat(2, 1, 1)
+    return Generation(f_hat=f_hat, tokens=tokens, logits=kept_logits)
+
+
+@torch.no_grad()
+def decode_images(vae: VQVAE, f_hat: torch.Tensor) -> torch.Tensor:
+    """f_hat to images (B, 3, H, W) in [0, 1], in float32."""
+    with torch.autocast(device_type=f_hat.device.type, enabled=False):
+        return vae.fhat_to_img(f_hat.float()).add(1).mul(0.5)
+
+
+def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:
+    """[0, 1] floats to uint8 NHWC (rounded, as torchvision's save_image does)."""
+    return img_B3HW.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
