@@ -142,36 +142,19 @@ def download(
 
 
 def resolve_source(spec: str) -> str:
-    """A path, ``tiny``, or a model already in the Hub cache (``d16``, ``vae``, ``USER/NAME``)."""
-    from . import hub
+    from .hub import resolve_local
+
+    return resolve_local(spec)
+
+
+def default_vae_for(model_source: str, vae: str | None, metadata: dict[str, str] | None = None) -> str:
+    """--vae, else the VAE recorded in the model (tiny's for tiny), else the cached official one."""
     from .checkpoint import BUILTIN_TINY
-    from .errors import CheckpointError
+    from .distill import find_vae
 
-    if spec == BUILTIN_TINY or Path(spec).exists():
-        return spec
-    repo_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    hub_like = spec.lower() in hub.OFFICIAL_FILES or (repo_like and Path(spec).suffix not in (".pth", ".safetensors"))
-    if not hub_like:
-        return spec  # the loader says "no such file"
-    try:
-        paths = hub.download(spec, offline=True)
-    except ActvarError as e:
-        hint = f"run `actvar download {spec}`"
-        raise CheckpointError(f"{spec} is neither a file nor a downloaded model", hint) from e
-    found = hub.model_file_in(paths)
-    if found is None:
-        raise CheckpointError(f"no weights file among the downloaded files of {spec}")
-    return str(found)
-
-
-def default_vae_for(model_spec: str, vae: str | None) -> str:
-    from .checkpoint import BUILTIN_TINY
-
-    if vae:
-        return resolve_source(vae)
-    if model_spec == BUILTIN_TINY:
+    if model_source == BUILTIN_TINY and not vae:
         return BUILTIN_TINY
-    raise ConfigError("no VAE given", "pass --vae vae_ch160v4096z32.pth (or --vae vae once downloaded)")
+    return find_vae(metadata or {}, vae)
 
 
 @app.command()
@@ -247,7 +230,7 @@ def sample(
         dt = resolve_dtype(dtype, dev)
         model, info = load_var(resolve_source(checkpoint), num_heads=num_heads)
         job.validate(model.num_classes)
-        vae_model, _ = load_vae(default_vae_for(checkpoint, vae), model.cfg.patch_nums)
+        vae_model, _ = load_vae(default_vae_for(info.source, vae, info.metadata), model.cfg.patch_nums)
         check_pair(model.cfg, vae_model)
         model.to(dev)
         vae_model.to(dev)
@@ -318,6 +301,613 @@ def random_weights(
         else:
             save_safetensors(sd, output, meta)
     out.print(f"[green]✓[/] {arch} with random weights (seed {seed}): {output}", highlight=False)
+
+
+# ---------------------------------------------------------------------------
+# moefy / flops / bench
+# ---------------------------------------------------------------------------
+
+
+def policy_recipe(recipe, scales, token_rate, token_rates, weight_rate):
+    """``recipe`` with the policy flags applied."""
+    from .recipes import with_policy_flags
+
+    return with_policy_flags(
+        recipe,
+        scales=parse_int_list(scales, "--scales") if scales else None,
+        token_rate=token_rate,
+        token_rates=parse_float_list(token_rates, "--token-rates") if token_rates else None,
+        weight_rate=weight_rate,
+    )
+
+
+def optional_vae(model_spec: str, vae: str | None) -> str | None:
+    """The VAE to calibrate with: --vae, tiny's own, or the official one if it is in the cache."""
+    from .checkpoint import BUILTIN_TINY
+
+    if vae:
+        return resolve_source(vae)
+    if model_spec == BUILTIN_TINY:
+        return BUILTIN_TINY
+    try:
+        return resolve_source("vae")
+    except ActvarError:
+        return None
+
+
+@app.command()
+def moefy(
+    checkpoint: str = typer.Argument(..., help="The dense VAR: a file, an official name in the cache, or tiny."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the ActVAR model (.safetensors)."),
+    experts: int | None = typer.Option(None, "--experts", help="Experts per FFN [recipe: 16]."),
+    split: str | None = typer.Option(None, help="cluster | contiguous | coactivation [recipe: cluster]."),
+    scales: str | None = typer.Option(None, help="1-based sparse scales, e.g. 9,10 [recipe: last two]."),
+    token_rate: float | None = typer.Option(None, help="Fraction of tokens kept on every sparse scale [0.75]."),
+    token_rates: str | None = typer.Option(None, help="Per sparse scale, e.g. 0.5,0.75."),
+    weight_rate: float | None = typer.Option(None, help="Fraction of experts each kept token uses [0.75]."),
+    vae: str | None = typer.Option(None, help="VQVAE for calibration (default: tiny's, or the cached official one)."),
+    calib_images: int | None = typer.Option(None, help="Self-generated images to fit router/selector [8]; 0: weights."),
+    config: str | None = typer.Option(None, "--config", help="Recipe YAML (or d16, tiny); flags override its keys."),
+    seed: int = typer.Option(0, help="Seed of calibration and clustering."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (for calibration)."),
+    num_heads: int | None = typer.Option(None, help="Override the head count (default: depth)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Convert a dense VAR into an ActVAR model: FFN experts, routers and token selectors.
+
+    Examples: `actvar moefy var_d16.pth --experts 16 -o actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
+    `actvar moefy tiny -o tiny-actvar.safetensors --token-rates 0.5,0.75 --weight-rate 0.5`
+    """
+    from .checkpoint import load_vae, load_var, save_model, sha256_file
+    from .conversion import MoefyOptions, check_options
+    from .conversion import moefy as convert
+    from .device import pick_device
+    from .recipes import load_recipe
+
+    with handled():
+        recipe = load_recipe(config).override(experts=experts, split=split, calib_images=calib_images)
+        recipe = policy_recipe(recipe, scales, token_rate, token_rates, weight_rate)
+        source = resolve_source(checkpoint)
+        dense, info = load_var(source, num_heads=num_heads)
+        opts = MoefyOptions(
+            num_experts=recipe.experts,
+            split=recipe.split,
+            policy=recipe.policy(),
+            calib_images=recipe.calib_images,
+            seed=seed,
+        )
+        check_options(dense.cfg, opts)
+        vae_source = optional_vae(checkpoint, vae) if opts.calib_images > 0 else None
+        vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if vae_source else None
+        dev = pick_device(device)
+        with progress_bar(transient=True) as bar:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total, info="")
+                bar.update(tasks[stage], completed=done, total=total)
+
+            model, report = convert(dense, vae_model, opts, device=dev, progress=on_progress)
+        meta = {
+            "base_checkpoint": info.name,
+            "base_checkpoint_path": str(Path(source).resolve()) if info.format != "builtin" else source,
+            "base_sha256": sha256_file(source) if info.format != "builtin" else "",
+            "experts": opts.num_experts,
+            "split": opts.split,
+            "router_init": report.router_init,
+            "vae": (str(Path(vae_source).resolve()) if vae_source != "tiny" else vae_source) if vae_source else "",
+            "calibration": {
+                "images": report.calib_images,
+                "tokens_per_block": report.calib_tokens,
+                "router_r2": _mean(report.router_r2),
+                "selector_r2": _mean(report.selector_r2),
+                "router_topk_agreement": _mean(report.router_topk_agreement),
+            },
+            "actvar_version": __version__,
+        }
+        save_model(model, output, meta)
+    summary = {"output": str(output), "policy": model.policy.to_dict(), **meta}
+    if as_json:
+        emit_json(summary)
+        return
+    if report.router_init == "weight-statistics":
+        err.print(
+            "[yellow]note:[/] no VAE for calibration: router and selector start from weight statistics "
+            "(pass --vae to fit them on self-generated tokens)"
+        )
+    out.print(kv_table(f"ActVAR model written to {output}", {k: v for k, v in summary.items() if k != "output"}))
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+@app.command()
+def flops(
+    model: str | None = typer.Argument(None, help="A VAR or ActVAR checkpoint (or give --arch)."),
+    arch: str | None = typer.Option(None, help="d16 .. d36 or tiny, instead of a checkpoint."),
+    experts: int | None = typer.Option(None, "--experts", help="Experts per FFN [model's, or 16]."),
+    scales: str | None = typer.Option(None, help="1-based sparse scales [model's policy, or 9,10]."),
+    token_rate: float | None = typer.Option(None, help="Token rate on every sparse scale."),
+    token_rates: str | None = typer.Option(None, help="Token rate per sparse scale, e.g. 0.5,0.75."),
+    weight_rate: float | None = typer.Option(None, help="Fraction of experts each kept token uses."),
+    paper_table: bool = typer.Option(False, "--paper-table", help="Our savings beside the paper's, for its settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """FLOPs of generating one image (with CFG), dense vs ActVAR, per scale and per component.
+
+    Examples: `actvar flops --arch d16` · `actvar flops actvar-d16.safetensors --json` ·
+    `actvar flops --arch d20 --token-rates 0.5,0.25 --weight-rate 0.5` · `actvar flops --paper-table`
+    """
+    from . import flops as F
+    from .checkpoint import read_checkpoint
+    from .config import arch_config
+    from .recipes import Recipe
+
+    with handled():
+        if paper_table:
+            rows = F.paper_table()
+            if as_json:
+                emit_json(rows)
+                return
+            table = Table(title="FLOPs savings: ours vs the paper (one image, CFG)", title_justify="left")
+            for col in ("model", "scales", "token rates", "weight rate", "paper", "ours", "paper eq. 12"):
+                table.add_column(col, justify="right")
+            for r in rows:
+                table.add_row(
+                    r["arch"],
+                    ",".join(map(str, r["scales"])),
+                    ",".join(f"{x:g}" for x in r["token_rates"]),
+                    f"{r['weight_rate']:g}",
+                    f"{r['paper_savings']:.1%}",
+                    f"{r['our_savings']:.1%}",
+                    f"{r['paper_eq12_savings']:.1%}",
+                )
+            out.print(table)
+            out.print("Why they differ: docs/flops.md", style="dim")
+            return
+        if (model is None) == (arch is None):
+            raise ConfigError("give a model checkpoint or --arch, not both or neither")
+        base = Recipe()
+        if model is not None:
+            _, info = read_checkpoint(resolve_source(model))
+            if info.kind == "vqvae":
+                raise ConfigError(f"{model} is a VQVAE; FLOPs are counted for VAR models")
+            cfg = info.var_config
+            if info.policy is not None:
+                p = info.policy
+                base = base.override(
+                    scales=list(p.scales), token_rates=list(p.token_rates), weight_rate=p.weight_rates[0]
+                )
+        else:
+            cfg = arch_config(arch)
+        recipe = policy_recipe(base, scales, token_rate, token_rates, weight_rate)
+        n_exp = experts or cfg.num_experts or 16
+        report = F.count_flops(cfg.replace(num_experts=0), recipe.policy(), n_exp)
+    data = report.to_dict()
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(title=f"FLOPs per image (CFG), depth {cfg.depth}, width {cfg.embed_dim}", title_justify="left")
+    for col in ("scale", "tokens", "kept", "experts", "dense GFLOPs", "ActVAR GFLOPs", "saved"):
+        table.add_column(col, justify="right")
+    for s in data["per_scale"]:
+        saved = 1 - s["sparse_flops"] / s["dense_flops"]
+        table.add_row(
+            str(s["scale"]),
+            str(s["tokens"]),
+            str(s["kept_tokens"]),
+            f"{s['kept_experts']}/{n_exp}",
+            f"{s['dense_flops'] / 1e9:.2f}",
+            f"{s['sparse_flops'] / 1e9:.2f}",
+            f"{saved:.1%}" if saved else "",
+        )
+    table.add_row(
+        "all",
+        "",
+        "",
+        "",
+        f"{report.dense_flops / 1e9:.2f}",
+        f"{report.sparse_flops / 1e9:.2f}",
+        f"{report.savings:.1%}",
+        style="bold",
+    )
+    out.print(table)
+    comp = Table(title="by component (GFLOPs)", title_justify="left")
+    for col in ("component", "dense", "ActVAR"):
+        comp.add_column(col, justify="right")
+    for c in F.COMPONENTS:
+        comp.add_row(c, f"{data['components']['dense'][c] / 1e9:.2f}", f"{data['components']['sparse'][c] / 1e9:.2f}")
+    out.print(comp)
+    out.print(f"savings {report.savings:.1%}; ideal speedup {data['ideal_speedup']:.3f}x", highlight=False)
+
+
+@app.command()
+def bench(
+    dense: str | None = typer.Argument(None, help="The dense VAR (or give --arch)."),
+    sparse: str | None = typer.Argument(None, help="The ActVAR model converted from it."),
+    arch: str | None = typer.Option(None, help="Benchmark random-weight models of this architecture (d16, tiny...)."),
+    vae: str | None = typer.Option(None, help="VQVAE for the decode timing (default: random weights of its shape)."),
+    batch_size: int = typer.Option(8, help="Images per generation (rows double for CFG)."),
+    repeats: int = typer.Option(5, help="Timed runs per model (median reported)."),
+    warmup: int = typer.Option(1, help="Untimed runs per model first."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+    seed: int = typer.Option(0, help="Seed of the per-image generators."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Measured speed of dense vs ActVAR generation, beside the FLOPs' ideal speedup.
+
+    Examples: `actvar bench var_d16.pth actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
+    `actvar bench --arch d16 --batch-size 8 --json` (random weights: timing does not depend on them)
+    """
+    from . import bench as B
+    from .device import pick_device, resolve_dtype
+
+    with handled():
+        dev = pick_device(device)
+        dt = resolve_dtype(dtype, dev)
+        dense_model, sparse_model, vae_model, note = B.load_pair(dense, sparse, arch, vae)
+        for m in (dense_model, sparse_model, vae_model):
+            m.to(dev)
+        with progress_bar() as bar:
+            task = bar.add_task("benchmark", total=2 * (warmup + repeats), info="")
+            result = B.bench(
+                dense_model,
+                sparse_model,
+                vae_model,
+                dev,
+                dt,
+                batch_size,
+                repeats,
+                warmup,
+                seed=seed,
+                progress=lambda d, t: bar.update(task, completed=d, total=t),
+            )
+        result["note"] = note
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(
+        title=f"dense vs ActVAR on {dev} ({dt}), batch {batch_size}, median of {repeats}", title_justify="left"
+    )
+    for col in ("", "generation s", "decode s", "images/s", "images/s end-to-end", "peak MB"):
+        table.add_column(col, justify="right")
+    for name in ("dense", "sparse"):
+        r = result[name]
+        table.add_row(
+            name,
+            f"{r['generation_s']:.3f}",
+            f"{r['decode_s']:.3f}",
+            f"{r['images_per_s']:.3f}",
+            f"{r['images_per_s_end_to_end']:.3f}",
+            f"{r['peak_memory_mb']:.0f}",
+        )
+    out.print(table)
+    eff = result["efficiency"]
+    out.print(
+        f"speedup {result['speedup']:.3f}x (transformer), {result['speedup_end_to_end']:.3f}x end-to-end; "
+        f"ideal {result['ideal_speedup']:.3f}x from FLOPs (savings {result['savings']:.1%})"
+        + (f"; {eff:.0%} of the ideal gain" if eff is not None else ""),
+        highlight=False,
+    )
+    if note:
+        out.print(note, style="dim")
+
+
+# ---------------------------------------------------------------------------
+# distillation
+# ---------------------------------------------------------------------------
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs, values read as YAML (numbers, lists, strings)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE", "e.g. --set teacher_top_k=600")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _distill_command(stage: int):
+    what = "routers and selectors" if stage == 1 else "experts, attention and head"
+    epochs_default = "2" if stage == 1 else "10"
+
+    def command(
+        model: str = typer.Argument(
+            ..., help="The ActVAR model (from moefy" + (")." if stage == 1 else " or stage 1).")
+        ),
+        out_dir: Path = typer.Option(
+            ..., "--out-dir", help="Output folder: model.safetensors, metrics.jsonl, checkpoints."
+        ),
+        teacher: str | None = typer.Option(None, help="The dense VAR [the base checkpoint named in the model]."),
+        vae: str | None = typer.Option(None, help="The VQVAE [the one used by moefy, or the cached official one]."),
+        data: str | None = typer.Option(None, help="teacher (data-free), an ImageFolder, or a token cache [teacher]."),
+        cache_tokens: Path | None = typer.Option(
+            None, help="Encode an ImageFolder once into this folder and reuse it."
+        ),
+        config: str | None = typer.Option(
+            None, "--config", help="Recipe YAML (or d16, tiny); flags override its keys."
+        ),
+        epochs: float | None = typer.Option(None, help=f"Epochs of this stage [recipe: {epochs_default}]."),
+        max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (short runs)."),
+        batch_size: int = typer.Option(
+            8, help="Images per process and micro-step; accumulation reaches the global batch."
+        ),
+        global_batch: int | None = typer.Option(None, help="Images per optimizer step [recipe: 512]."),
+        lr: float | None = typer.Option(None, help="Peak learning rate of this stage [recipe: 2e-4]."),
+        weight_decay: float | None = typer.Option(None, help="AdamW weight decay [recipe: 0.05]."),
+        alpha: float | None = typer.Option(None, help="Stage 1 distillation weight [recipe: 0.05]."),
+        beta: float | None = typer.Option(None, help="Stage 1 load-balancing weight [recipe: 0.01]."),
+        checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints [recipe: 500]."),
+        seed: int | None = typer.Option(None, help="Seed of data order, dropout and teacher sampling [recipe: 0]."),
+        precision: str | None = typer.Option(None, help="auto, fp32 or bf16 [recipe: auto]."),
+        set_: list[str] = typer.Option([], "--set", help="Any other recipe key: --set KEY=VALUE (repeatable)."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the newest complete checkpoint in --out-dir."
+        ),
+        device: str = typer.Option("auto", help="auto or cpu."),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    ) -> None:
+        from .distill import DistillJob, run_distillation
+        from .recipes import load_recipe
+
+        with handled():
+            recipe = load_recipe(config).override(**parse_set(set_))
+            recipe = recipe.override(**{f"stage{stage}_lr": lr})  # --lr is this stage's rate
+            recipe = recipe.override(
+                global_batch=global_batch, weight_decay=weight_decay, alpha=alpha, beta=beta,
+                checkpoint_every=checkpoint_every, seed=seed, precision=precision,
+            )  # fmt: skip
+            job = DistillJob(
+                stage=stage, model=model, out_dir=out_dir, recipe=recipe, vae=vae, teacher=teacher, data=data,
+                cache_tokens=cache_tokens, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+                resume=resume, device=device,
+            )  # fmt: skip
+            with progress_bar() as bar:
+                tasks: dict[str, Any] = {}
+
+                def on_step(ev: dict[str, Any]) -> None:
+                    if ev["event"] == "encode":
+                        if "encode" not in tasks:
+                            tasks["encode"] = bar.add_task("encoding", total=ev["total"], info="")
+                        bar.update(tasks["encode"], completed=ev["done"])
+                    elif ev["event"] == "start":
+                        tasks["train"] = bar.add_task(
+                            f"stage {stage}", total=ev["total_steps"], completed=ev["step"], info=""
+                        )
+                    else:
+                        keys = ("loss", "cls", "dis_w", "dis_t", "bl_w", "bl_t", "kl", "hidden_mse")
+                        terms = " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev)
+                        info = f"{terms} | {ev['samples_per_s']:.1f} samples/s"
+                        bar.update(tasks["train"], completed=ev["step"], info=info)
+
+                summary = run_distillation(job, on_step)
+        if as_json:
+            emit_json(summary)
+            return
+        if summary is None:
+            return
+        rows = {k: summary[k] for k in ("steps", "epochs", "global_batch", "num_processes", "grad_accum", "data")}
+        rows.update(summary["final_losses"])
+        rows["samples/s"] = round(summary["samples_per_s"], 2)
+        out.print(kv_table(f"stage {stage} done: {out_dir / 'model.safetensors'}", rows))
+
+    command.__doc__ = (
+        f"Distillation stage {stage}: train the {what}, everything else frozen.\n\n"
+        + (
+            "Loss (supp. eq. 19): L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t).\n\n"
+            if stage == 1
+            else "Loss (supp. eq. 22): L_cls + KL(student || teacher) + mean over blocks of the hidden-state MSE.\n\n"
+        )
+        + f"Examples: `actvar distill-stage{stage} actvar-d16.safetensors --vae vae_ch160v4096z32.pth "
+        f"--data /data/imagenet --cache-tokens tokens/ --config recipes/actvar-d16.yaml --out-dir runs/s{stage}` · "
+        f"`accelerate launch --multi_gpu --num_processes 8 -m actvar_cli distill-stage{stage} ...` · "
+        f"`actvar distill-stage{stage} tiny-actvar.safetensors --config tiny --max-steps 20 --out-dir runs/tiny{stage}`"
+    )
+    return command
+
+
+app.command("distill-stage1")(_distill_command(1))
+app.command("distill-stage2")(_distill_command(2))
+
+
+# ---------------------------------------------------------------------------
+# eval / push / demo
+# ---------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="The model to evaluate (ActVAR or dense VAR)."),
+    vae: str | None = typer.Option(None, help="The VQVAE [tiny's for tiny, else the cached official one]."),
+    fid: bool = typer.Option(False, "--fid", help="Frechet Inception Distance against --ref."),
+    isc: bool = typer.Option(False, "--is", help="Inception Score."),
+    prc: bool = typer.Option(False, "--prc", help="Precision and recall against --ref."),
+    ref: str | None = typer.Option(
+        None,
+        help="Reference images: a folder, or an ADM batch such as "
+        "VIRTUAL_imagenet256_labeled.npz (statistics cached beside it).",
+    ),
+    teacher: str | None = typer.Option(None, help="Compare with this dense model ('auto': the model's base)."),
+    num: int = typer.Option(32, help="Teacher-sampled pyramids for the teacher comparison."),
+    psnr_images: int | None = typer.Option(None, help="Image pairs for the PSNR [= --num]."),
+    classes: str = typer.Option("0-999", help="Classes to sample for FID."),
+    num_per_class: int = typer.Option(50, help="Images per class for FID (upstream: 50 x 1000)."),
+    cfg: float = typer.Option(1.5, help="Guidance for FID sampling (upstream's recipe)."),
+    top_k: int = typer.Option(900, help="Top-k for FID sampling."),
+    top_p: float = typer.Option(0.96, help="Top-p for FID sampling."),
+    seed: int = typer.Option(0, help="Base seed (per image, as in `sample`)."),
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Where samples and eval.json go [eval-<model>/]."),
+    inception_weights: str | None = typer.Option(
+        None, help="torch-fidelity Inception weights file (or ACTVAR_INCEPTION_WEIGHTS); auto: let it download."
+    ),
+    dense: bool = typer.Option(False, "--dense", help="Every token and expert active."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Score a model: FID / IS / precision-recall, and agreement with the dense teacher.
+
+    Examples: `actvar eval actvar-d16.safetensors --vae vae --fid --is --prc --ref VIRTUAL_imagenet256_labeled.npz
+    --inception-weights weights-inception-2015-12-05-6726825d.pth` ·
+    `actvar eval runs/s2/model.safetensors --teacher auto --num 64 --json` ·
+    `accelerate launch --multi_gpu --num_processes 8 -m actvar_cli eval ... --fid --ref ...` (sharded sampling)
+    """
+    from .evaluate import EvalJob, run_eval
+    from .sampling import SamplingOptions
+
+    with handled():
+        src = resolve_source(model)
+        job = EvalJob(
+            model=src, vae=vae,
+            out_dir=out_dir or Path(f"eval-{Path(src).stem}"), fid=fid, isc=isc, prc=prc, ref=ref,
+            teacher=teacher, num=num, psnr_images=psnr_images, classes=parse_int_list(classes, "--classes"),
+            num_per_class=num_per_class, opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p), seed=seed,
+            batch_size=batch_size, device=device, dtype=dtype, inception_weights=inception_weights, dense=dense,
+        )  # fmt: skip
+        with progress_bar() as bar:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(what: str, done: int, total: int) -> None:
+                if what not in tasks:
+                    tasks[what] = bar.add_task(what, total=total, info="")
+                bar.update(tasks[what], completed=done, total=total)
+
+            results = run_eval(job, on_progress)
+    if results is None:  # not the main process
+        return
+    if as_json:
+        emit_json(results)
+        return
+    table = Table(title=f"evaluation of {results['model']}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("FLOPs saved", f"{results['flops']['savings']:.1%}")
+    for key, label in (
+        ("fid", "FID"),
+        ("inception_score", "Inception Score"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("token_agreement", "token agreement (sparse scales)"),
+        ("logit_kl", "KL(teacher || model) (sparse scales)"),
+        ("psnr_db", "PSNR vs teacher (dB)"),
+    ):
+        if key in results:
+            table.add_row(label, f"{results[key]:.4f}")
+    out.print(table)
+    if "per_scale" in results:
+        ps = Table(title="per scale (teacher forcing)", title_justify="left")
+        for col in ("scale", "tokens", "sparse", "token agreement", "KL"):
+            ps.add_column(col, justify="right")
+        for r in results["per_scale"]:
+            ps.add_row(
+                str(r["scale"]),
+                str(r["tokens"]),
+                "yes" if r["sparse"] else "",
+                f"{r['token_agreement']:.4f}",
+                f"{r['logit_kl']:.4f}",
+            )
+        out.print(ps)
+    out.print(f"results: {results['eval_json']}", highlight=False)
+
+
+@app.command()
+def push(
+    model: Path = typer.Argument(..., help="The ActVAR model.safetensors to publish."),
+    repo: str = typer.Option(..., "--repo", help="USER/NAME on the Hub."),
+    private: bool = typer.Option(False, "--private", help="Create a private repository."),
+    dry_run: Path | None = typer.Option(None, "--dry-run", help="Write the folder here instead of uploading."),
+    eval_json: Path | None = typer.Option(None, "--eval", help="eval.json to show in the card [found next to MODEL]."),
+    token: str | None = typer.Option(None, help="Hub token [HF_TOKEN or the saved login]."),
+) -> None:
+    """Publish a model to the Hub: model.safetensors, config.json and a model card.
+
+    Examples: `actvar push runs/s2/model.safetensors --repo me/actvar-d16` ·
+    `actvar push runs/s2/model.safetensors --repo me/actvar-d16 --dry-run card/`
+    """
+    from . import hub
+
+    with handled():
+        hub.parse_target(repo)
+        evals = None
+        candidates = [eval_json] if eval_json else [model.parent / "eval.json"]
+        for c in candidates:
+            if c and c.exists():
+                evals = json.loads(c.read_text())
+        if dry_run:
+            folder = hub.write_push_folder(model, repo, dry_run, evals)
+            out.print(f"[green]✓[/] wrote {', '.join(sorted(p.name for p in folder.iterdir()))} to {folder}")
+            return
+        url = hub.push(model, repo, private=private, evals=evals, token=token)
+    out.print(f"[green]✓[/] pushed to {repo}: {url}", highlight=False)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("actvar-demo"), "--out", help="Where everything goes."),
+    stage1_steps: int = typer.Option(30, help="Optimizer steps of stage 1."),
+    stage2_steps: int = typer.Option(40, help="Optimizer steps of stage 2."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """The whole job on the built-in tiny model, in a few minutes on a CPU.
+
+    moefy -> stage 1 -> stage 2 -> samples -> eval against the teacher -> FLOPs and speed,
+    ending with one summary table. Example: `actvar demo --out demo/`
+    """
+    from .demo import run_demo
+
+    with handled():
+        with progress_bar() as bar:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(what: str, done: int, total: int) -> None:
+                if what not in tasks:
+                    tasks[what] = bar.add_task(what, total=total, info="")
+                bar.update(tasks[what], completed=done, total=total)
+
+            summary = run_demo(
+                out_dir, stage1_steps, stage2_steps, step=lambda m: bar.console.print(f"[bold]{m}"),
+                progress=on_progress,
+            )  # fmt: skip
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table(title="actvar demo (tiny model)", title_justify="left")
+    table.add_column("")
+    table.add_column("before distillation", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("FLOPs saved", f"{summary['flops_savings']:.1%}", "")
+    table.add_row(
+        "measured speedup (transformer)",
+        "",
+        f"{summary['measured_speedup']:.2f}x (ideal {summary['ideal_speedup']:.2f}x)",
+    )
+    table.add_row(
+        "router agreement with pseudo-labels",
+        f"{summary['router_agreement_before']:.3f}",
+        f"{summary['router_agreement_after_stage1']:.3f} (stage 1)",
+    )
+    table.add_row(
+        "selector agreement with pseudo-labels",
+        f"{summary['selector_agreement_before']:.3f}",
+        f"{summary['selector_agreement_after_stage1']:.3f} (stage 1)",
+    )
+    table.add_row(
+        "token agreement with teacher",
+        f"{summary['token_agreement_before']:.3f}",
+        f"{summary['token_agreement_after']:.3f}",
+    )
+    table.add_row("KL(teacher || ActVAR)", f"{summary['logit_kl_before']:.4f}", f"{summary['logit_kl_after']:.4f}")
+    table.add_row("PSNR vs teacher images (dB)", f"{summary['psnr_db_before']:.2f}", f"{summary['psnr_db_after']:.2f}")
+    out.print(table)
+    out.print(f"model: {summary['model']}\ngrid: {summary['grid']}\n{summary['note']}", highlight=False)
 
 
 def main() -> None:

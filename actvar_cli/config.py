@@ -243,10 +243,11 @@ class SparsityPolicy:
         self.scales = tuple(int(s) for s in self.scales)
         self.token_rates = tuple(float(r) for r in self.token_rates)
         self.weight_rates = tuple(float(r) for r in self.weight_rates)
-        if len(self.token_rates) == 1 and len(self.scales) > 1:
-            self.token_rates = self.token_rates * len(self.scales)
-        if len(self.weight_rates) == 1 and len(self.scales) > 1:
-            self.weight_rates = self.weight_rates * len(self.scales)
+        n = len(self.scales)
+        if len(set(self.token_rates)) == 1 and len(self.token_rates) != n:  # a uniform rate fits any scales
+            self.token_rates = self.token_rates[:1] * n
+        if len(set(self.weight_rates)) == 1 and len(self.weight_rates) != n:
+            self.weight_rates = self.weight_rates[:1] * n
         if not (len(self.scales) == len(self.token_rates) == len(self.weight_rates)):
             raise ConfigError(
                 f"{len(self.scales)} sparse scales but {len(self.token_rates)} token rates "

@@ -131,3 +131,166 @@ def model_file_in(paths: list[Path]) -> Path | None:
             return p
     weights = [p for p in paths if p.suffix in (".safetensors", ".pth")]
     return weights[0] if len(weights) == 1 else None
+
+
+def resolve_local(spec: str) -> str:
+    """A path, ``tiny``, or a model already downloaded (``d16``, ``vae``, ``USER/NAME``) as a path.
+
+    Lookups of Hub names never touch the network: a name that is not cached is an error
+    that says which download to run.
+    """
+    from .checkpoint import BUILTIN_TINY
+    from .errors import ActvarError, CheckpointError
+
+    if spec == BUILTIN_TINY or Path(spec).exists():
+        return spec
+    repo_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    hub_like = spec.lower() in OFFICIAL_FILES or (repo_like and Path(spec).suffix not in (".pth", ".safetensors"))
+    if not hub_like:
+        return spec  # the loader says "no such file"
+    try:
+        paths = download(spec, offline=True)
+    except ActvarError as e:
+        raise CheckpointError(
+            f"{spec} is neither a file nor a downloaded model", f"run `actvar download {spec}`"
+        ) from e
+    found = model_file_in(paths)
+    if found is None:
+        raise CheckpointError(f"no weights file among the downloaded files of {spec}")
+    return str(found)
+
+
+# ---------------------------------------------------------------------------
+# Publishing
+# ---------------------------------------------------------------------------
+
+
+def _card_text(repo_id: str, summary: dict, savings_rows: list[tuple], evals: dict | None, training: list) -> str:
+    policy = summary["policy"]
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"An **ActVAR** version of `{summary['base_checkpoint']}` from "
+        f"[{OFFICIAL_REPO}](https://huggingface.co/{OFFICIAL_REPO}): every FFN is split into "
+        f"{summary['experts']} experts chosen per token by a router, and a gated token selector lets only "
+        "the most useful tokens through each block at the largest scales (ActVAR, Zhang et al.). "
+        "It was made with [actvar](https://github.com/) and keeps the upstream VAR state-dict names.",
+        "",
+        "## Policy",
+        "",
+        "| scale | token rate | weight rate |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {s} | {t:g} | {w:g} |" for s, t, w in zip(policy["scales"], policy["token_rates"], policy["weight_rates"])
+    ]
+    lines += ["", "## Compute", "", "| | GFLOPs per image (CFG) |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in savings_rows]
+    if training:
+        lines += ["", "## Training", "", "| stage | steps | epochs | global batch | processes | data | final losses |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for t in training:
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in t.get("final_losses", {}).items() if k != "grad_norm")
+            lines.append(
+                f"| {t.get('stage')} | {t.get('steps')} | {t.get('epochs', 0):.3g} | {t.get('global_batch')} | "
+                f"{t.get('num_processes')} | {t.get('data')} | {losses} |"
+            )
+    if evals:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        for k in ("fid", "inception_score", "precision", "recall", "token_agreement", "logit_kl", "psnr_db"):
+            if k in evals:
+                lines.append(f"| {k} | {evals[k]:.4g} |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "pip install actvar",
+        f"actvar download {repo_id}",
+        "actvar download vae",
+        f"actvar sample {repo_id} --vae vae --classes 207,360,387,974 --out samples/",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_push_folder(
+    model_path: str | os.PathLike, repo_id: str, folder: str | os.PathLike, evals: dict | None
+) -> Path:
+    """The folder ``push`` uploads: model.safetensors, config.json and a model card (README.md)."""
+    import json
+    import shutil
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .checkpoint import atomic_path, atomic_write_text, read_checkpoint, stored_json
+    from .errors import ConfigError
+    from .flops import count_flops
+
+    _, info = read_checkpoint(model_path)
+    if info.kind != "actvar":
+        raise ConfigError(f"{model_path} is not an ActVAR model", "push what `actvar moefy` or distillation wrote")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        shutil.copyfile(model_path, tmp)
+    cfg = info.var_config
+    report = count_flops(cfg.replace(num_experts=0), info.policy, cfg.num_experts)
+    training = stored_json(info, "training") or []
+    summary = {
+        "base_checkpoint": info.metadata.get("base_checkpoint", ""),
+        "experts": cfg.num_experts,
+        "policy": info.policy.to_dict(),
+    }
+    config = {
+        "format": "actvar",
+        "var_config": cfg.to_dict(),
+        "policy": info.policy.to_dict(),
+        "experts": cfg.num_experts,
+        "split": info.metadata.get("split"),
+        "base_model": OFFICIAL_REPO,
+        "base_checkpoint": summary["base_checkpoint"],
+        "flops": {"dense": report.dense_flops, "actvar": report.sparse_flops, "savings": report.savings},
+    }
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
+    rows = [
+        ("dense VAR", f"{report.dense_flops / 1e9:.1f}"),
+        ("ActVAR", f"{report.sparse_flops / 1e9:.1f}"),
+        ("saved", f"{report.savings:.1%}"),
+    ]
+    data = ModelCardData(
+        base_model=OFFICIAL_REPO,
+        library_name="actvar",
+        license="mit",
+        tags=["actvar", "var", "image-generation", "mixture-of-experts", "imagenet", "class-conditional"],
+        datasets=["ILSVRC/imagenet-1k"],
+    )
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _card_text(repo_id, summary, rows, evals, training))
+    atomic_write_text(folder / "README.md", str(card))
+    return folder
+
+
+def push(
+    model_path: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    evals: dict | None = None,
+    staging: str | os.PathLike | None = None,
+    token: str | None = None,
+) -> str:
+    """Create the repository (if needed) and upload the folder; returns the commit URL."""
+    import tempfile
+
+    import huggingface_hub as hf
+
+    target = DownloadTarget(repo_id, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_push_folder(model_path, repo_id, staging or tmp, evals)
+        api = hf.HfApi(endpoint=endpoint(), token=token, library_name="actvar")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload ActVAR model")
+        except Exception as e:
+            raise _hub_error(e, target, None) from e
+    return str(getattr(info, "commit_url", info))

@@ -15,6 +15,8 @@ from PIL import Image
 from .checkpoint import atomic_path, atomic_write_bytes
 from .errors import DataError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 
 def png_name(index: int, class_id: int) -> str:
     """Files sort in generation order; the class is visible in the name."""

@@ -70,14 +70,43 @@ def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> to
 
 
 def sample_tokens(logits_BlV: torch.Tensor, rng: Rng) -> torch.Tensor:
-    """One token per position (B, n) from already-filtered logits."""
+    """One token per position (B, n) from already-filtered logits, as upstream draws them:
+    one ``torch.multinomial`` over the flattened batch."""
     B, n, V = logits_BlV.shape
     probs = logits_BlV.softmax(dim=-1)
-    if rng is None or isinstance(rng, torch.Generator):
-        return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, n)
-    return torch.stack(
-        [torch.multinomial(probs[b], num_samples=1, replacement=True, generator=g)[:, 0] for b, g in enumerate(rng)]
-    )
+    return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, n)
+
+
+def sample_tokens_per_image(
+    logits_BlV: torch.Tensor, top_k: int, top_p: float, rng: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Per-image sampling with the same top-k / top-p rule, done on the k candidates only.
+
+    After top-k masking only the k best logits have probability, so top-p can be decided
+    among them (a sort of k values, not of the vocabulary), and row b draws one uniform per
+    position from its own generator and inverts the candidates' cumulative distribution,
+    taken in vocabulary order.
+    """
+    B, n, V = logits_BlV.shape
+    k = top_k if 0 < top_k < V else V
+    vals, idx = logits_BlV.topk(k, dim=-1, largest=True, sorted=True)  # B, n, k, descending
+    probs = vals.softmax(-1)
+    if top_p > 0:  # drop the tail whose ascending cumulative probability is <= 1 - top_p
+        tail = probs.flip(-1).cumsum(-1).flip(-1)  # probability of this candidate and all smaller ones
+        drop = tail <= (1 - top_p)
+        drop[..., 0] = False  # always keep the largest
+        probs = probs.masked_fill(drop, 0.0)
+    order = idx.argsort(dim=-1)  # the CDF runs in vocabulary order, as upstream's multinomial does:
+    idx, probs = idx.gather(-1, order), probs.gather(-1, order)  # near-equal logits swapping places then cannot move it
+    cdf = probs.cumsum(-1)
+    u = torch.stack([torch.rand(n, generator=g, device=logits_BlV.device) for g in rng])  # B, n
+    pick = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).clamp_max(k - 1)  # B, n, 1
+    return idx.gather(-1, pick).squeeze(-1)
+
+
+def _multinomial_per_row(logits_BlV: torch.Tensor, rng: Sequence[torch.Generator]) -> torch.Tensor:
+    probs = logits_BlV.softmax(dim=-1)
+    return torch.stack([torch.multinomial(probs[b], 1, replacement=True, generator=g)[:, 0] for b, g in enumerate(rng)])
 
 
 def _gumbel_soft(logits: torch.Tensor, tau: float, rng: Rng) -> torch.Tensor:
@@ -127,9 +156,13 @@ def generate(
         if keep_logits:
             kept_logits.append(logits_2BlV.float())
         t = opts.cfg * ratio
-        guided = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-        guided = filter_top_k_top_p(guided.float(), opts.top_k, opts.top_p)
-        idx_Bl = sample_tokens(guided, rng)
+        guided = ((1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]).float()
+        per_image = rng is not None and not isinstance(rng, torch.Generator)
+        if per_image and not opts.more_smooth:
+            idx_Bl = sample_tokens_per_image(guided, opts.top_k, opts.top_p, rng)
+        else:
+            guided = filter_top_k_top_p(guided, opts.top_k, opts.top_p)
+            idx_Bl = sample_tokens(guided, rng) if not per_image else _multinomial_per_row(guided, rng)
         tokens.append(idx_Bl)
         with torch.autocast(device_type=device.type, enabled=False):
             if opts.more_smooth:  # visual smoothing only; never used for FID

@@ -60,11 +60,11 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Ten
     out = {}
     params = dict(module.named_parameters())
     for name in sorted(sd):
-        t = sd[name]
         if name in params:
-            mean, std = _std_for(name, t.shape)
-            t = torch.randn(t.shape, generator=g).mul_(std).add_(mean)
-        out[name] = t.clone()
+            mean, std = _std_for(name, sd[name].shape)
+            out[name] = torch.randn(sd[name].shape, generator=g).mul_(std).add_(mean)
+        else:
+            out[name] = sd[name].clone()
     return out
 
 

@@ -170,7 +170,8 @@ class FakeHub:
                     repo_id = f"{req.get('organization') or 'user'}/{req['name']}"
                     with hub.lock:
                         created = repo_id not in hub.repos
-                        hub.repos.setdefault(repo_id, Repo(private=bool(req.get("private"))))
+                        private = req.get("visibility") == "private" or bool(req.get("private"))
+                        hub.repos.setdefault(repo_id, Repo(private=private))
                     return self._json(200 if created else 409, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
                 if path == "/api/validate-yaml":
                     return self._json(200, {"errors": [], "warnings": []})

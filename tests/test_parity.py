@@ -52,3 +52,20 @@ def test_decoding_the_greedy_tokens_gives_the_greedy_images(d2, ref):
     with torch.no_grad():
         img = vae.idx_to_img(tokens).add(1).mul(0.5)
     np.testing.assert_allclose(img.numpy(), ref["greedy_cfg1.5_img"], atol=IMG_TOL)
+
+
+def test_per_image_sampler_draws_from_upstreams_filtered_distribution():
+    """The fast per-image sampler and upstream's mask-then-multinomial define the same distribution."""
+    from actvar_cli.sampling import filter_top_k_top_p, sample_tokens_per_image
+
+    torch.manual_seed(0)
+    V, n = 64, 40_000
+    logits = torch.randn(V) * 2
+    for top_k, top_p in ((10, 0.0), (0, 0.8), (20, 0.7), (1, 0.96)):
+        expected = filter_top_k_top_p(logits.view(1, 1, V), top_k, top_p).softmax(-1).view(V)
+        draws = sample_tokens_per_image(
+            logits.expand(1, n, V), top_k, top_p, [torch.Generator().manual_seed(top_k * 7 + 1)]
+        )
+        freq = torch.bincount(draws.view(-1), minlength=V).float() / n
+        assert set(draws.unique().tolist()) <= set(expected.nonzero().view(-1).tolist())
+        assert (freq - expected).abs().sum() / 2 < 0.015, (top_k, top_p)

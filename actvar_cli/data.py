@@ -1,0 +1,265 @@
+"""Where training token pyramids come from: the teacher itself, an ImageFolder, or a token cache.
+
+Every source answers ``batch(items)`` for (epoch, sample id) pairs; a sample is the same
+whatever the number of processes or however often the run was resumed, because its
+class, crop and sampling randomness depend only on ``(seed, k)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import atomic_write_text, atomic_write_with
+from .errors import DataError
+from .images import IMAGE_SUFFIXES
+from .model import VAR
+from .sampling import SamplingOptions, generate, image_seed
+from .vqvae import VQVAE
+
+CACHE_FORMAT = "actvar-token-cache"
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TokenBatch:
+    labels: torch.Tensor  # B
+    tokens: list[torch.Tensor]  # per scale, B x pn*pn
+
+    def to(self, device: torch.device) -> TokenBatch:
+        return TokenBatch(self.labels.to(device), [t.to(device) for t in self.tokens])
+
+
+class TokenSource(Protocol):
+    description: str
+
+    def __len__(self) -> int: ...  # samples per epoch
+
+    def batch(self, items: list[tuple[int, int]]) -> TokenBatch: ...  # (epoch, sample id) pairs
+
+
+def split_levels(flat_BL: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
+    out, cur = [], 0
+    for pn in patch_nums:
+        out.append(flat_BL[:, cur : cur + pn * pn])
+        cur += pn * pn
+    return out
+
+
+class TeacherSource:
+    """Data-free: the dense teacher samples pyramids for random classes with CFG."""
+
+    def __init__(self, teacher: VAR, vae: VQVAE, samples_per_epoch: int, opts: SamplingOptions, seed: int, device):
+        self.teacher, self.vae, self.n, self.opts, self.seed = teacher, vae, samples_per_epoch, opts, seed
+        self.device = torch.device(device)
+        self.description = f"teacher (data-free, {samples_per_epoch} samples per epoch)"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def label_of(self, k: int) -> int:
+        return image_seed(self.seed + 7919, k) % self.teacher.num_classes
+
+    @torch.no_grad()
+    def batch(self, items: list[tuple[int, int]]) -> TokenBatch:
+        global_ids = [epoch * self.n + k for epoch, k in items]  # a new pyramid for every sample of every epoch
+        labels = torch.tensor([self.label_of(k) for k in global_ids], device=self.device)
+        rng = [torch.Generator(device=self.device).manual_seed(image_seed(self.seed, k)) for k in global_ids]
+        gen = generate(self.teacher, self.vae, labels, self.opts, rng=rng)
+        return TokenBatch(labels, gen.tokens)
+
+
+class TokenCacheSource:
+    """A folder written by ``encode_image_folder``: tokens.npy (N, L) and labels.npy (N,)."""
+
+    def __init__(self, folder: str | Path, patch_nums: tuple[int, ...]):
+        folder = Path(folder)
+        meta = read_cache_meta(folder)
+        if tuple(meta["patch_nums"]) != tuple(patch_nums):
+            raise DataError(f"token cache {folder} has patch layout {meta['patch_nums']}, the model {list(patch_nums)}")
+        self.tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
+        self.patch_nums = tuple(patch_nums)
+        self.description = f"token cache {folder} ({len(self.labels)} images from {meta.get('source', '?')})"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, items: list[tuple[int, int]]) -> TokenBatch:
+        idx = np.asarray([k for _, k in items])
+        flat = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        return TokenBatch(torch.from_numpy(self.labels[idx].astype(np.int64)), split_levels(flat, self.patch_nums))
+
+
+def read_cache_meta(folder: Path) -> dict:
+    meta_path = folder / "meta.json"
+    if not meta_path.exists() or not (folder / "tokens.npy").exists():
+        raise DataError(f"{folder} is not a token cache (no meta.json / tokens.npy)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{folder}/meta.json is not an actvar token cache")
+    return meta
+
+
+def is_token_cache(folder: Path) -> bool:
+    return (folder / "meta.json").exists() and (folder / "tokens.npy").exists()
+
+
+# ---------------------------------------------------------------------------
+# ImageFolder
+# ---------------------------------------------------------------------------
+
+
+def list_image_folder(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, class index) pairs; classes are the sorted sub-folder names (ImageNet layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"no such data folder: {root}", "give an ImageFolder root (one sub-folder per class)")
+    if (root / "train").is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+        classes_root = root / "train"  # an ImageNet root with train/ and val/
+    else:
+        classes_root = root
+    classes = sorted(d.name for d in classes_root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{classes_root} has no class sub-folders", "lay images out as ROOT/<class>/<image>.jpg")
+    items = []
+    for ci, name in enumerate(classes):
+        for dirpath, _, files in os.walk(classes_root / name, followlinks=True):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    items.append((Path(dirpath) / f, ci))
+    if not items:
+        raise DataError(f"no images under {classes_root}")
+    return items, classes
+
+
+def train_transform(path: Path, final_reso: int, rng: np.random.Generator) -> torch.Tensor:
+    """Upstream VAR's training augmentation: resize the short side to 1.125 x (Lanczos),
+    random crop, to [-1, 1]. The crop offset comes from ``rng``."""
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}") from e
+    mid = round(1.125 * final_reso)
+    w, h = img.size
+    scale = mid / min(w, h)
+    img = img.resize((max(mid, round(w * scale)), max(mid, round(h * scale))), Image.Resampling.LANCZOS)
+    w, h = img.size
+    left = int(rng.integers(0, w - final_reso + 1))
+    top = int(rng.integers(0, h - final_reso + 1))
+    img = img.crop((left, top, left + final_reso, top + final_reso))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    return arr.mul(2).sub(1)
+
+
+class ImageFolderSource:
+    """Images encoded on the fly; the crop of sample k in epoch e depends on (seed, e, k)."""
+
+    def __init__(self, root: str | Path, vae: VQVAE, patch_nums: tuple[int, ...], seed: int, device):
+        self.items, self.classes = list_image_folder(root)
+        self.vae, self.patch_nums, self.seed = vae, tuple(patch_nums), seed
+        self.device = torch.device(device)
+        self.reso = patch_nums[-1] * 16
+        self.description = f"ImageFolder {root} ({len(self.items)} images, {len(self.classes)} classes)"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @torch.no_grad()
+    def batch(self, items: list[tuple[int, int]]) -> TokenBatch:
+        imgs, labels = [], []
+        for epoch, k in items:
+            path, label = self.items[k]
+            rng = np.random.default_rng([self.seed, epoch, k])
+            imgs.append(train_transform(path, self.reso, rng))
+            labels.append(label)
+        tokens = self.vae.img_to_idx(torch.stack(imgs).to(self.device))
+        return TokenBatch(torch.tensor(labels, device=self.device), tokens)
+
+
+def encode_image_folder(
+    root: str | Path,
+    vae: VQVAE,
+    out_dir: str | Path,
+    patch_nums: tuple[int, ...],
+    seed: int = 0,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Path:
+    """Encode every image once (one seeded crop each) into a token cache folder."""
+    out = Path(out_dir)
+    if is_token_cache(out):
+        return out
+    source = ImageFolderSource(root, vae, patch_nums, seed, device)
+    n, L = len(source), sum(p * p for p in patch_nums)
+    dtype = np.int16 if vae.cfg.vocab_size <= 32767 else np.int32
+    tokens = np.empty((n, L), dtype=dtype)
+    labels = np.empty((n,), dtype=np.int64)
+    for s in range(0, n, batch_size):
+        ids = list(range(s, min(n, s + batch_size)))
+        b = source.batch([(0, k) for k in ids])
+        tokens[s : s + len(ids)] = torch.cat(b.tokens, dim=1).cpu().numpy().astype(dtype)
+        labels[s : s + len(ids)] = b.labels.cpu().numpy()
+        if progress:
+            progress(min(n, s + batch_size), n)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(out / "tokens.npy", lambda tmp: _save_npy(tmp, tokens))
+    atomic_write_with(out / "labels.npy", lambda tmp: _save_npy(tmp, labels))
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": str(Path(root).resolve()),
+        "images": n,
+        "classes": source.classes,
+        "patch_nums": list(patch_nums),
+        "vocab_size": vae.cfg.vocab_size,
+        "seed": seed,
+        "transform": "resize short side to 1.125x (Lanczos), random crop (seeded), [-1, 1]",
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))  # written last: marks the cache complete
+    return out
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr)
+
+
+def epoch_permutation(n: int, epoch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 104729, epoch]).permutation(n)
+
+
+def sample_ids(
+    step: int, micro: int, rank: int, per_process: int, world: int, global_batch: int, n: int, seed: int, shuffle: bool
+) -> list[tuple[int, int]]:
+    """(epoch, sample id) pairs for one micro-batch of one process at one optimizer step.
+
+    Slot ``k = step * global_batch + micro * per_process * world + rank * per_process + i``
+    of the run's sample stream is sample ``perm_epoch[k % n]`` of epoch ``k // n``.
+    """
+    base = step * global_batch + micro * per_process * world + rank * per_process
+    out = []
+    perms: dict[int, np.ndarray] = {}
+    for i in range(per_process):
+        k = base + i
+        epoch, pos = divmod(k, n)
+        if shuffle:
+            if epoch not in perms:
+                perms[epoch] = epoch_permutation(n, epoch, seed)
+            pos = int(perms[epoch][pos])
+        out.append((epoch, pos))
+    return out
+
+
+def steps_for(epochs: float, samples_per_epoch: int, global_batch: int) -> int:
+    return max(1, math.ceil(epochs * samples_per_epoch / global_batch))

@@ -1,0 +1,196 @@
+"""ActVAR conversion and sparse inference: same function at full activation, consistent paths,
+honest FLOPs, and a self-describing safetensors file."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import LABELS, PARITY
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from actvar_cli import routing
+from actvar_cli.checkpoint import load_var
+from actvar_cli.config import SparsityPolicy
+from actvar_cli.conversion import MoefyOptions, moefy
+from actvar_cli.errors import ConfigError
+from actvar_cli.flops import count_flops
+from actvar_cli.model import LayerCache
+from actvar_cli.sampling import SamplingOptions, decode_images, generate, image_generators
+
+FULL = SparsityPolicy(token_rates=(1.0,), weight_rates=(1.0,))
+
+
+@pytest.fixture(scope="module")
+def converted(d2):
+    """The parity model converted with each split (calibrated on 4 self-generated images)."""
+    _, vae = d2
+    out = {}
+    for split in ("cluster", "contiguous", "coactivation"):
+        dense, _ = load_var(PARITY / "var_d2.pth")
+        out[split], _ = moefy(dense, vae, MoefyOptions(split=split, calib_images=4))
+    return out
+
+
+@pytest.mark.parametrize("split", ["cluster", "contiguous", "coactivation"])
+def test_full_activation_reproduces_upstream(converted, d2, ref, split):
+    model = converted[split]
+    _, vae = d2
+    with torch.no_grad():
+        logits = model(torch.tensor(LABELS), torch.from_numpy(ref["teacher_forcing_input"]))
+    np.testing.assert_allclose(logits[:, ::7].numpy(), ref["teacher_forcing_logits_every7"], atol=1e-3)
+    gen = generate(model, vae, torch.tensor(LABELS), SamplingOptions(cfg=1.5, top_k=1, top_p=0.0), policy=FULL)
+    for si, tok in enumerate(gen.tokens):
+        assert torch.equal(tok, torch.from_numpy(ref[f"greedy_tokens_s{si}"]))
+    np.testing.assert_allclose(decode_images(vae, gen.f_hat).numpy(), ref["greedy_cfg1.5_img"], atol=1e-3)
+
+
+def test_sparse_kernels_at_full_activation_equal_dense_block(converted):
+    block = converted["cluster"].blocks[1]
+    torch.manual_seed(0)
+    x, cond = torch.randn(6, 25, 128), torch.randn(6, 128)
+    past = torch.randn(6, 2, 40, 64)
+    caches = [LayerCache(), LayerCache()]
+    for c in caches:
+        c.append(past.clone(), past.clone())
+    with torch.no_grad():
+        dense = block(x, cond, None, caches[0])
+        sparse = block.forward_sparse(x, cond, caches[1], keep_tokens=25, keep_experts=16)
+        h = torch.randn(30, 128)
+        all_experts = routing.experts_forward(block.ffn, h, torch.arange(16).repeat(30, 1))
+        torch.testing.assert_close(all_experts, block.ffn(h), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k)
+
+
+def test_experts_forward_computes_only_the_chosen_experts(converted):
+    ffn = converted["cluster"].blocks[0].ffn
+    torch.manual_seed(1)
+    h = torch.randn(40, 128)
+    chosen = routing.route(ffn.router(h), 12)
+    d_e = 512 // 16
+    mask = torch.zeros(40, 16).scatter_(1, chosen, 1.0).repeat_interleave(d_e, dim=1)  # 40, F
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(ffn.act(ffn.fc1(h)) * mask, ffn.fc2.weight, ffn.fc2.bias)
+        torch.testing.assert_close(routing.experts_forward(ffn, h, chosen), expected, atol=1e-5, rtol=1e-5)
+        with FlopCounterMode(display=False) as fc:
+            routing.experts_forward(ffn, h, chosen)
+    assert fc.get_total_flops() == 4 * 40 * 12 * d_e * 128  # two GEMMs, chosen experts only
+
+
+def test_generation_and_teacher_forcing_paths_agree(converted, d2):
+    """Same tokens and the same routing give the same logits on both paths."""
+    model = converted["cluster"]
+    _, vae = d2
+    policy = SparsityPolicy(token_rates=(0.5, 0.75), weight_rates=(0.5,))
+    labels = torch.tensor([3, 500])
+    gen = generate(
+        model, vae, labels, SamplingOptions(), rng=image_generators(7, [0, 1], "cpu"), policy=policy, keep_logits=True
+    )
+    x = vae.quantize.idx_to_var_input(gen.tokens)
+    both = torch.cat((labels, torch.full_like(labels, 1000)))  # the CFG rows: conditional, unconditional
+    with torch.no_grad():
+        masked = model.forward_train(both, x.repeat(2, 1, 1), policy=policy)
+        dense = model.forward_train(both, x.repeat(2, 1, 1), policy=None)
+    generated = torch.cat(gen.logits, dim=1)
+    torch.testing.assert_close(masked.logits, generated, atol=2e-4, rtol=1e-4)
+    assert (dense.logits - generated)[:, -425:].abs().max() > 0.1  # sparsity really changed something
+    torch.testing.assert_close(dense.logits[:, :255], generated[:, :255], atol=2e-4, rtol=1e-4)  # dense scales
+
+
+def test_skipped_tokens_pass_through_unchanged(converted):
+    block = converted["cluster"].blocks[0]
+    x, cond = torch.randn(2, 16, 128), torch.randn(2, 128)
+    with torch.no_grad():
+        y = block.forward_sparse(x, cond, LayerCache(), keep_tokens=4, keep_experts=8)
+    unchanged = (y == x).all(-1)  # B, n
+    assert unchanged.sum(1).tolist() == [12, 12]
+
+
+@pytest.mark.parametrize("experts", [7, 1000])
+def test_expert_count_must_divide_the_ffn(d2, experts):
+    dense, _ = load_var(PARITY / "var_d2.pth")
+    with pytest.raises(ConfigError, match="do not divide the FFN width 512"):
+        moefy(dense, None, MoefyOptions(num_experts=experts, calib_images=0))
+
+
+def test_policy_errors():
+    with pytest.raises(ConfigError, match="outside"):
+        SparsityPolicy(token_rates=(1.5,))
+    with pytest.raises(ConfigError, match="sparse scales but"):
+        SparsityPolicy(scales=(9, 10), token_rates=(0.5, 0.6, 0.7))
+    dense, _ = load_var(PARITY / "var_d2.pth")
+    with pytest.raises(ConfigError, match="scale 11 does not exist"):
+        moefy(dense, None, MoefyOptions(policy=SparsityPolicy(scales=(11,), token_rates=(0.5,)), calib_images=0))
+
+
+@pytest.mark.parametrize("policy", [None, SparsityPolicy(), SparsityPolicy(scales=(7, 8, 10), token_rates=(0.5,))])
+def test_analytic_flops_match_torch_flop_counter(converted, d2, policy):
+    model = converted["cluster"]
+    _, vae = d2
+    B = 2
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # math SDPA is visible to the counter
+        generate(
+            model, vae, torch.tensor([1, 2]), SamplingOptions(), rng=image_generators(0, [0, 1], "cpu"), policy=policy
+        )
+    report = count_flops(model.cfg, policy)
+    expected = B * (report.sparse_flops if policy else report.dense_flops)
+    assert abs(fc.get_total_flops() - expected) / expected < 0.01, (fc.get_total_flops(), expected)
+
+
+def test_moefy_cli_writes_self_describing_safetensors(run_cli, tmp_path, ref):
+    out = tmp_path / "actvar.safetensors"
+    r = run_cli(
+        "moefy", PARITY / "var_d2.pth", "--experts", "16", "--vae", PARITY / "vae_ch32v4096z32.pth",
+        "--token-rates", "0.5,0.75", "--weight-rate", "0.5", "--calib-images", "2", "-o", out, "--json",
+    )  # fmt: skip
+    summary = json.loads(r.stdout)
+    assert summary["router_init"] == "calibration"
+    model, info = load_var(out)
+    assert info.kind == "actvar" and info.format == "safetensors"
+    meta = info.metadata
+    assert meta["format"] == "actvar" and meta["format_version"] == "1"
+    assert meta["base_checkpoint"] == "var_d2.pth"
+    assert meta["base_sha256"] == hashlib.sha256((PARITY / "var_d2.pth").read_bytes()).hexdigest()
+    assert json.loads(meta["experts"]) == 16 and meta["split"] == "cluster"
+    assert json.loads(meta["var_config"])["num_experts"] == 16
+    assert info.policy == SparsityPolicy(scales=(9, 10), token_rates=(0.5, 0.75), weight_rates=(0.5, 0.5))
+    assert model.blocks[0].ffn.router.weight.abs().sum() > 0 and model.blocks[0].selector.weight.abs().sum() > 0
+    report = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert report["kind"] == "actvar" and report["policy"]["token_rates"] == [0.5, 0.75]
+    flops = json.loads(run_cli("flops", out, "--json").stdout)
+    assert flops["savings"] == pytest.approx(count_flops(model.cfg, info.policy).savings)
+    assert flops["policy"]["weight_rates"] == [0.5, 0.5] and flops["savings"] > 0.1
+    # the converted file still reproduces upstream when every token and expert is active
+    run_cli(
+        "sample", out, "--vae", PARITY / "vae_ch32v4096z32.pth", "--dense", "--top-k", "1",
+        "--classes", "0,7,42,999", "--npz", "--out", tmp_path / "s",
+    )  # fmt: skip
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        expected = (ref["greedy_cfg1.5_img"] * 255 + 0.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        assert np.abs(z["arr_0"].astype(int) - expected).max() <= 1
+
+
+def test_moefy_cli_errors(run_cli, tmp_path):
+    r = run_cli("moefy", PARITY / "var_d2.pth", "--experts", "7", "-o", tmp_path / "x.safetensors", expect=2)
+    assert "7 experts do not divide the FFN width 512" in r.stderr
+    r = run_cli("moefy", PARITY / "var_d2.pth", "--token-rate", "0", "-o", tmp_path / "x.safetensors", expect=2)
+    assert "rate 0.0 is outside (0, 1]" in r.stderr
+    r = run_cli("moefy", PARITY / "vae_ch32v4096z32.pth", "-o", tmp_path / "x.safetensors", expect=2)
+    assert "not a VAR" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_bench_and_sample_accept_actvar_models(run_cli, tmp_path):
+    out = tmp_path / "tiny-actvar.safetensors"
+    run_cli("moefy", "tiny", "-o", out, "--calib-images", "2")
+    run_cli("sample", out, "--vae", "tiny", "--classes", "1,2", "--out", tmp_path / "s")
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 2
+    r = run_cli("bench", "tiny", out, "--vae", "tiny", "--batch-size", "2", "--repeats", "1", "--json")
+    result = json.loads(r.stdout)
+    for key in ("speedup", "speedup_end_to_end", "ideal_speedup"):
+        assert result[key] > 0
+    assert result["ideal_speedup"] == pytest.approx(1 / (1 - result["savings"]))
