@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +29,17 @@ app = typer.Typer(
 out = Console()  # results and JSON
 err = Console(stderr=True)  # messages, progress
 STATE = {"debug": False}
+
+
+# Options that several commands share, defined once.
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Cfg = Annotated[float, typer.Option(help="Classifier-free guidance (ramped over scales, as upstream).")]
+TopK = Annotated[int, typer.Option(help="Top-k sampling (0: off).")]
+TopP = Annotated[float, typer.Option(help="Top-p sampling (0: off).")]
+Seed = Annotated[int, typer.Option(help="Base seed; image i uses a generator seeded from (seed, i).")]
+NumHeads = Annotated[int | None, typer.Option(help="Override the head count (default: depth).")]
 
 
 def _version(value: bool) -> None:
@@ -75,6 +86,18 @@ def progress_bar(transient: bool = False) -> Progress:
         console=err,
         transient=transient,
     )
+
+
+def task_updater(bar: Progress):
+    """A (what, done, total) callback that keeps one bar per ``what``."""
+    tasks: dict[str, Any] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total, info="")
+        bar.update(tasks[what], completed=done, total=total)
+
+    return update
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -160,9 +183,9 @@ def default_vae_for(model_source: str, vae: str | None, metadata: dict[str, str]
 @app.command()
 def inspect(
     checkpoint: str = typer.Argument(..., help="A .pth/.safetensors file, an official name in the cache, or tiny."),
-    num_heads: int | None = typer.Option(None, help="Override the head count (default: depth)."),
+    num_heads: NumHeads = None,
     no_hash: bool = typer.Option(False, "--no-hash", help="Skip the sha256 of the file (slow for big files)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: Json = False,
 ) -> None:
     """Say what a checkpoint is: kind, inferred config, parameters, dtype, hash.
 
@@ -188,13 +211,13 @@ def sample(
     vae: str | None = typer.Option(None, help="The VQVAE (vae_ch160v4096z32.pth); defaults to tiny for tiny."),
     classes: str = typer.Option("980,437,22,562", help="Class ids, e.g. 0,7,42 or 0-9, in output order."),
     num_per_class: int = typer.Option(1, help="Images per class."),
-    cfg: float = typer.Option(1.5, help="Classifier-free guidance (ramped over scales, as upstream)."),
-    top_k: int = typer.Option(900, help="Top-k sampling (0: off)."),
-    top_p: float = typer.Option(0.96, help="Top-p sampling (0: off)."),
-    seed: int = typer.Option(0, help="Base seed; image i uses a generator seeded from (seed, i)."),
+    cfg: Cfg = 1.5,
+    top_k: TopK = 900,
+    top_p: TopP = 0.96,
+    seed: Seed = 0,
     batch_size: int = typer.Option(8, help="Images per forward pass (rows double for CFG)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     more_smooth: bool = typer.Option(False, "--more-smooth", help="Gumbel smoothing for nicer pictures (not for FID)."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (resumable: existing PNGs are kept)."),
     npz: bool = typer.Option(False, "--npz", help="Also write samples.npz (arr_0: uint8 NHWC) for the ADM evaluator."),
@@ -202,7 +225,7 @@ def sample(
         False, "--upstream-seeding", help="One generator per batch (seed + batch number), exactly as upstream."
     ),
     dense: bool = typer.Option(False, "--dense", help="Run an ActVAR model with every token and expert active."),
-    num_heads: int | None = typer.Option(None, help="Override the head count (default: depth)."),
+    num_heads: NumHeads = None,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Generate class-conditional images: one PNG each, a grid.png, and optionally samples.npz.
@@ -350,7 +373,7 @@ def moefy(
     config: str | None = typer.Option(None, "--config", help="Recipe YAML (or d16, tiny); flags override its keys."),
     seed: int = typer.Option(0, help="Seed of calibration and clustering."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (for calibration)."),
-    num_heads: int | None = typer.Option(None, help="Override the head count (default: depth)."),
+    num_heads: NumHeads = None,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Convert a dense VAR into an ActVAR model: FFN experts, routers and token selectors.
@@ -381,12 +404,7 @@ def moefy(
         vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if vae_source else None
         dev = pick_device(device)
         with progress_bar(transient=True) as bar:
-            tasks: dict[str, Any] = {}
-
-            def on_progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total, info="")
-                bar.update(tasks[stage], completed=done, total=total)
+            on_progress = task_updater(bar)
 
             model, report = convert(dense, vae_model, opts, device=dev, progress=on_progress)
         meta = {
@@ -433,7 +451,7 @@ def flops(
     token_rates: str | None = typer.Option(None, help="Token rate per sparse scale, e.g. 0.5,0.75."),
     weight_rate: float | None = typer.Option(None, help="Fraction of experts each kept token uses."),
     paper_table: bool = typer.Option(False, "--paper-table", help="Our savings beside the paper's, for its settings."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: Json = False,
 ) -> None:
     """FLOPs of generating one image (with CFG), dense vs ActVAR, per scale and per component.
 
@@ -532,10 +550,10 @@ def bench(
     batch_size: int = typer.Option(8, help="Images per generation (rows double for CFG)."),
     repeats: int = typer.Option(5, help="Timed runs per model (median reported)."),
     warmup: int = typer.Option(1, help="Untimed runs per model first."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     seed: int = typer.Option(0, help="Seed of the per-image generators."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: Json = False,
 ) -> None:
     """Measured speed of dense vs ActVAR generation, beside the FLOPs' ideal speedup.
 
@@ -739,19 +757,19 @@ def eval_(
     psnr_images: int | None = typer.Option(None, help="Image pairs for the PSNR [= --num]."),
     classes: str = typer.Option("0-999", help="Classes to sample for FID."),
     num_per_class: int = typer.Option(50, help="Images per class for FID (upstream: 50 x 1000)."),
-    cfg: float = typer.Option(1.5, help="Guidance for FID sampling (upstream's recipe)."),
-    top_k: int = typer.Option(900, help="Top-k for FID sampling."),
-    top_p: float = typer.Option(0.96, help="Top-p for FID sampling."),
-    seed: int = typer.Option(0, help="Base seed (per image, as in `sample`)."),
+    cfg: Cfg = 1.5,
+    top_k: TopK = 900,
+    top_p: TopP = 0.96,
+    seed: Seed = 0,
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     out_dir: Path | None = typer.Option(None, "--out", help="Where samples and eval.json go [eval-<model>/]."),
     inception_weights: str | None = typer.Option(
         None, help="torch-fidelity Inception weights file (or ACTVAR_INCEPTION_WEIGHTS); auto: let it download."
     ),
     dense: bool = typer.Option(False, "--dense", help="Every token and expert active."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: Json = False,
 ) -> None:
     """Score a model: FID / IS / precision-recall, and agreement with the dense teacher.
 
@@ -773,12 +791,7 @@ def eval_(
             batch_size=batch_size, device=device, dtype=dtype, inception_weights=inception_weights, dense=dense,
         )  # fmt: skip
         with progress_bar() as bar:
-            tasks: dict[str, Any] = {}
-
-            def on_progress(what: str, done: int, total: int) -> None:
-                if what not in tasks:
-                    tasks[what] = bar.add_task(what, total=total, info="")
-                bar.update(tasks[what], completed=done, total=total)
+            on_progress = task_updater(bar)
 
             results = run_eval(job, on_progress)
     if results is None:  # not the main process
@@ -865,12 +878,7 @@ def demo(
 
     with handled():
         with progress_bar() as bar:
-            tasks: dict[str, Any] = {}
-
-            def on_progress(what: str, done: int, total: int) -> None:
-                if what not in tasks:
-                    tasks[what] = bar.add_task(what, total=total, info="")
-                bar.update(tasks[what], completed=done, total=total)
+            on_progress = task_updater(bar)
 
             summary = run_demo(
                 out_dir, stage1_steps, stage2_steps, step=lambda m: bar.console.print(f"[bold]{m}"),

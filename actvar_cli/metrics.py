@@ -36,13 +36,17 @@ Progress = Callable[[str, int, int], None]
 # ---------------------------------------------------------------------------
 
 
+def held_out_labels(seed: int, ids: list[int], num_classes: int, device) -> torch.Tensor:
+    return torch.tensor([image_seed(seed + 1, i) % num_classes for i in ids], device=device)
+
+
 def held_out_batches(teacher: VAR, vae: VQVAE, num: int, batch_size: int, seed: int, device, dtype, opts):
     """(labels, token pyramid, teacher-forcing input) batches sampled by the teacher, seeded
     away from every seed a training run uses."""
     eval_seed = seed + EVAL_SEED_OFFSET
     for s in range(0, num, batch_size):
         ids = list(range(s, min(num, s + batch_size)))
-        labels = torch.tensor([image_seed(eval_seed + 1, i) % teacher.num_classes for i in ids], device=device)
+        labels = held_out_labels(eval_seed, ids, teacher.num_classes, device)
         with autocast(device, dtype):
             gen = generate(teacher, vae, labels, opts, rng=image_generators(eval_seed, ids, device))
             x = vae.quantize.idx_to_var_input(gen.tokens)
@@ -144,7 +148,7 @@ def image_psnr(student, teacher, vae, num, batch_size, seed, device, dtype, poli
     values = []
     for s in range(0, num, batch_size):
         ids = list(range(s, min(num, s + batch_size)))
-        labels = torch.tensor([image_seed(seed + 1, i) % teacher.num_classes for i in ids], device=device)
+        labels = held_out_labels(seed, ids, teacher.num_classes, device)
         imgs = []
         for model, pol in ((teacher, None), (student, policy)):
             with autocast(device, dtype):

@@ -83,3 +83,17 @@ def run_cli():
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_actvar(tmp_path_factory):
+    """The tiny model converted by `actvar moefy` with the default policy (router and selector
+    fitted on 4 self-generated images)."""
+    from typer.testing import CliRunner
+
+    from actvar_cli.cli import app
+
+    path = tmp_path_factory.mktemp("moefy") / "tiny-actvar.safetensors"
+    result = CliRunner().invoke(app, ["moefy", "tiny", "-o", str(path), "--calib-images", "4"])
+    assert result.exit_code == 0, result.stderr
+    return path

@@ -25,19 +25,6 @@ def tiny_recipe(**changes):
     return load_recipe("tiny").override(**changes)
 
 
-@pytest.fixture(scope="module")
-def tiny_actvar(tmp_path_factory):
-    """The tiny model converted with the default policy (router/selector from calibration)."""
-    from typer.testing import CliRunner
-
-    from actvar_cli.cli import app
-
-    path = tmp_path_factory.mktemp("moefy") / "tiny-actvar.safetensors"
-    r = CliRunner().invoke(app, ["moefy", "tiny", "-o", str(path), "--calib-images", "4"])
-    assert r.exit_code == 0, r.stderr
-    return path
-
-
 def held_out(model_path):
     student, _ = load_var(model_path)
     teacher, _ = load_var("tiny")
