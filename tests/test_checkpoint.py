@@ -86,6 +86,7 @@ class Payload:
         return (print, ("this must never run",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the protocol it then refuses
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(2), "evil": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
