@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -237,7 +237,6 @@ class SparsityPolicy:
     scales: tuple[int, ...] = (9, 10)
     token_rates: tuple[float, ...] = (0.75, 0.75)
     weight_rates: tuple[float, ...] = (0.75, 0.75)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)

@@ -7,6 +7,7 @@ class, crop and sampling randomness depend only on ``(seed, k)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -235,7 +236,9 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_permutation(n: int, epoch: int, seed: int) -> np.ndarray:
+    """The order of an epoch's samples (cached: every micro-step of the epoch asks for it)."""
     return np.random.default_rng([seed, 104729, epoch]).permutation(n)
 
 

@@ -408,9 +408,3 @@ class VAR(nn.Module):
             else:
                 x = b.forward_sparse(x, cond, layer_cache, kt, kw)
         return self.logits(x, cond_BD)
-
-
-def build_var(cfg: VARConfig, device: torch.device | str | None = None) -> VAR:
-    """A VAR with uninitialised (meta) or default-initialised weights on ``device``."""
-    with torch.device(device or "cpu"):
-        return VAR(cfg)

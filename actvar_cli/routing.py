@@ -65,10 +65,6 @@ def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -
     return buf[:numel]
 
 
-def clear_workspace() -> None:
-    _WORKSPACE.clear()
-
-
 def experts_forward(ffn, x_TC: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     """Sum of each token's chosen experts plus fc2's bias, computing only those experts.
 

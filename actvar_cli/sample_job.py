@@ -69,8 +69,6 @@ class SampleResult:
     generated: int
     skipped: int
     seconds: float
-    npz_path: Path | None = None
-    grid_path: Path | None = None
 
     @property
     def images_per_s(self) -> float:

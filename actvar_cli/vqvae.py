@@ -284,8 +284,3 @@ class VQVAE(nn.Module):
         if ema is not None and ema.shape != self.quantize.ema_vocab_hit_SV.shape:
             sd["quantize.ema_vocab_hit_SV"] = torch.zeros_like(self.quantize.ema_vocab_hit_SV, device="cpu")
         return super().load_state_dict(sd, strict=strict, assign=assign)
-
-
-def build_vae(cfg: VAEConfig, device: torch.device | str | None = None) -> VQVAE:
-    with torch.device(device or "cpu"):
-        return VQVAE(cfg)
