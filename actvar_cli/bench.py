@@ -206,6 +206,6 @@ def load_pair(dense: str | None, sparse: str | None, arch: str | None, vae: str 
 def _from_sd(cfg, sd) -> VAR:
     with torch.device("meta"):
         model = VAR(cfg)
-    model.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)  # the models may share tensors: inference never writes them
     model.policy = None
     return model.eval().requires_grad_(False)

@@ -199,7 +199,7 @@ def read_checkpoint(source: str | os.PathLike, num_heads: int | None = None):
         from .tiny import tiny_var_state_dict
 
         sd = tiny_var_state_dict()
-        return sd, describe(sd, {}, BUILTIN_TINY, "builtin", num_heads)
+        return sd, describe(sd, {"vae": BUILTIN_TINY}, BUILTIN_TINY, "builtin", num_heads)
     sd, meta = read_state_dict(source)
     fmt = "safetensors" if meta or Path(source).suffix == ".safetensors" else "pth"
     return sd, describe(sd, meta, str(source), fmt, num_heads)

@@ -170,16 +170,6 @@ def resolve_source(spec: str) -> str:
     return resolve_local(spec)
 
 
-def default_vae_for(model_source: str, vae: str | None, metadata: dict[str, str] | None = None) -> str:
-    """--vae, else the VAE recorded in the model (tiny's for tiny), else the cached official one."""
-    from .checkpoint import BUILTIN_TINY
-    from .distill import find_vae
-
-    if model_source == BUILTIN_TINY and not vae:
-        return BUILTIN_TINY
-    return find_vae(metadata or {}, vae)
-
-
 @app.command()
 def inspect(
     checkpoint: str = typer.Argument(..., help="A .pth/.safetensors file, an official name in the cache, or tiny."),
@@ -237,6 +227,7 @@ def sample(
     """
     from .checkpoint import check_pair, load_vae, load_var
     from .device import pick_device, resolve_dtype
+    from .hub import find_vae
     from .sample_job import SampleJob, finish_outputs, run_sample_job
     from .sampling import SamplingOptions
 
@@ -253,7 +244,7 @@ def sample(
         dt = resolve_dtype(dtype, dev)
         model, info = load_var(resolve_source(checkpoint), num_heads=num_heads)
         job.validate(model.num_classes)
-        vae_model, _ = load_vae(default_vae_for(info.source, vae, info.metadata), model.cfg.patch_nums)
+        vae_model, _ = load_vae(find_vae(info.metadata, vae), model.cfg.patch_nums)
         check_pair(model.cfg, vae_model)
         model.to(dev)
         vae_model.to(dev)
@@ -344,16 +335,14 @@ def policy_recipe(recipe, scales, token_rate, token_rates, weight_rate):
     )
 
 
-def optional_vae(model_spec: str, vae: str | None) -> str | None:
-    """The VAE to calibrate with: --vae, tiny's own, or the official one if it is in the cache."""
-    from .checkpoint import BUILTIN_TINY
+def optional_vae(metadata: dict[str, str], vae: str | None) -> str | None:
+    """The VAE to calibrate with: --vae, the model's own (tiny's for tiny), or the cached official one."""
+    from .hub import find_vae
 
     if vae:
         return resolve_source(vae)
-    if model_spec == BUILTIN_TINY:
-        return BUILTIN_TINY
     try:
-        return resolve_source("vae")
+        return find_vae(metadata, None)
     except ActvarError:
         return None
 
@@ -400,8 +389,9 @@ def moefy(
             seed=seed,
         )
         check_options(dense.cfg, opts)
-        vae_source = optional_vae(checkpoint, vae) if opts.calib_images > 0 else None
-        vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if vae_source else None
+        vae_source = optional_vae(info.metadata, vae)  # recorded in the output even when not calibrating
+        use_vae = vae_source and opts.calib_images > 0
+        vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if use_vae else None
         dev = pick_device(device)
         with progress_bar(transient=True) as bar:
             on_progress = task_updater(bar)
@@ -754,7 +744,7 @@ def eval_(
     ),
     teacher: str | None = typer.Option(None, help="Compare with this dense model ('auto': the model's base)."),
     num: int = typer.Option(32, help="Teacher-sampled pyramids for the teacher comparison."),
-    psnr_images: int | None = typer.Option(None, help="Image pairs for the PSNR [= --num]."),
+    psnr_images: int | None = typer.Option(None, help="Image pairs for the PSNR, at most --num [= --num]."),
     classes: str = typer.Option("0-999", help="Classes to sample for FID."),
     num_per_class: int = typer.Option(50, help="Images per class for FID (upstream: 50 x 1000)."),
     cfg: Cfg = 1.5,

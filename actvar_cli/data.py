@@ -42,6 +42,7 @@ class TokenBatch:
 
 class TokenSource(Protocol):
     description: str
+    shuffle: bool  # whether epochs visit samples in a seeded random order (fixed data) or not (fresh data)
 
     def __len__(self) -> int: ...  # samples per epoch
 
@@ -63,6 +64,7 @@ class TeacherSource:
         self.teacher, self.vae, self.n, self.opts, self.seed = teacher, vae, samples_per_epoch, opts, seed
         self.device = torch.device(device)
         self.description = f"teacher (data-free, {samples_per_epoch} samples per epoch)"
+        self.shuffle = False  # every sample is a fresh pyramid: order is already random
 
     def __len__(self) -> int:
         return self.n
@@ -91,6 +93,7 @@ class TokenCacheSource:
         self.labels = np.load(folder / "labels.npy", mmap_mode="r")
         self.patch_nums = tuple(patch_nums)
         self.description = f"token cache {folder} ({len(self.labels)} images from {meta.get('source', '?')})"
+        self.shuffle = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -172,6 +175,7 @@ class ImageFolderSource:
         self.device = torch.device(device)
         self.reso = patch_nums[-1] * 16
         self.description = f"ImageFolder {root} ({len(self.items)} images, {len(self.classes)} classes)"
+        self.shuffle = True
 
     def __len__(self) -> int:
         return len(self.items)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import BUILTIN_TINY, atomic_write_text, load_vae, load_var, save_model, stored_json
+from .checkpoint import atomic_write_text, load_vae, load_var, save_model, stored_json
 from .data import (
     ImageFolderSource,
     TeacherSource,
@@ -33,7 +33,7 @@ from .data import (
     steps_for,
 )
 from .errors import ConfigError, OutputError
-from .hub import resolve_local
+from .hub import find_teacher, find_vae, resolve_local
 from .losses import stage1_loss, stage2_loss
 from .model import VAR
 from .recipes import Recipe
@@ -114,33 +114,6 @@ def lr_lambda(total: int, warmup: float, lr_end: float) -> Callable[[int], float
         return 1 - (1 - lr_end) * min(1.0, (step - wp) / max(1, total - wp))
 
     return f
-
-
-def find_teacher(info_meta: dict[str, str], explicit: str | None) -> str:
-    if explicit:
-        return resolve_local(explicit)
-    path = info_meta.get("base_checkpoint_path")
-    if path and (path == BUILTIN_TINY or Path(path).exists()):
-        return path
-    name = info_meta.get("base_checkpoint", "")
-    official = name.removesuffix(".pth").removeprefix("var_")
-    if official:
-        return resolve_local(official)
-    raise ConfigError("the model names no base checkpoint to use as teacher", "pass --teacher var_d16.pth")
-
-
-def find_vae(info_meta: dict[str, str], explicit: str | None) -> str:
-    if explicit:
-        return resolve_local(explicit)
-    stored = info_meta.get("vae")
-    if stored and (stored == BUILTIN_TINY or Path(stored).exists()):
-        return stored
-    if info_meta.get("base_checkpoint") == BUILTIN_TINY:
-        return BUILTIN_TINY
-    try:
-        return resolve_local("vae")
-    except Exception as e:
-        raise ConfigError("no VQVAE given", "pass --vae vae_ch160v4096z32.pth (or run `actvar download vae`)") from e
 
 
 def latest_complete_checkpoint(out_dir: Path) -> tuple[Path, int] | None:
@@ -294,12 +267,10 @@ def run_distillation(job: DistillJob, on_step: OnStep | None = None) -> dict[str
     last_terms: dict[str, float] = {}
     while train_state.step < total:
         step = train_state.step
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         for micro in range(accum):
-            items = sample_ids(
-                step, micro, rank, job.batch_size, world, global_batch, n, recipe.seed, job.data != "teacher"
-            )
+            items = sample_ids(step, micro, rank, job.batch_size, world, global_batch, n, recipe.seed, source.shuffle)
             batch = source.batch(items).to(device)
             g = torch.Generator().manual_seed(image_seed(recipe.seed + 31, (step * accum + micro) * world + rank))
             drop = torch.rand(batch.labels.shape[0], generator=g).to(device) < recipe.cond_drop_rate
@@ -311,9 +282,8 @@ def run_distillation(job: DistillJob, on_step: OnStep | None = None) -> dict[str
                 with acc.autocast():
                     out = wrapper(labels, x, job.stage == 1)["out"]
                     if job.stage == 1:
-                        cond = student.shared_ada_lin(student.class_emb(labels))
                         loss, terms = stage1_loss(
-                            student, out, gt, cond, segments, recipe.alpha, recipe.beta, recipe.pseudo_label_temperature
+                            student, out, gt, segments, recipe.alpha, recipe.beta, recipe.pseudo_label_temperature
                         )
                     else:
                         with torch.no_grad():
@@ -321,16 +291,15 @@ def run_distillation(job: DistillJob, on_step: OnStep | None = None) -> dict[str
                         loss, terms = stage2_loss(out, t_out, gt)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    terms["grad_norm"] = float(acc.clip_grad_norm_(params, recipe.grad_clip))
+                    terms["grad_norm"] = acc.clip_grad_norm_(params, recipe.grad_clip).detach().float()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+                sums[k] = sums.get(k, 0.0) + (v if k == "grad_norm" else v / accum)  # grad_norm: last micro-step
         scheduler.step()
         train_state.step += 1
-        mean_terms = {
-            k: v for k, v in zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=device), "mean").tolist())
-        }
+        reduced = acc.reduce(torch.stack([sums[k].to(device) for k in sums]), "mean").tolist()  # the step's one sync
+        mean_terms = dict(zip(sums, reduced))
         per_rank = acc.gather(torch.tensor([job.batch_size * accum], device=device)).tolist()
         dt = time.perf_counter() - t0
         record = {

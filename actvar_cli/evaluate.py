@@ -17,10 +17,9 @@ import torch
 
 from .checkpoint import atomic_write_text, check_pair, load_vae, load_var
 from .config import SparsityPolicy
-from .distill import find_teacher, find_vae
 from .errors import ConfigError
 from .flops import count_flops
-from .hub import resolve_local
+from .hub import find_teacher, find_vae, resolve_local
 from .metrics import fidelity, teacher_agreement
 from .sample_job import SampleJob, finish_outputs, run_sample_job
 from .sampling import SamplingOptions
@@ -68,8 +67,7 @@ def run_eval(job: EvalJob, progress: Progress | None = None) -> dict[str, Any] |
     device = state.device if job.device == "auto" else pick_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     model, info = load_var(resolve_local(job.model))
-    vae_source = "tiny" if info.source == "tiny" and not job.vae else find_vae(info.metadata, job.vae)
-    vae, _ = load_vae(vae_source, model.cfg.patch_nums)
+    vae, _ = load_vae(find_vae(info.metadata, job.vae), model.cfg.patch_nums)
     check_pair(model.cfg, vae)
     model.to(device)
     vae.to(device)

@@ -8,6 +8,7 @@ or ``--local-dir``, resume when interrupted, and come from the cache when offlin
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,39 @@ def model_file_in(paths: list[Path]) -> Path | None:
             return p
     weights = [p for p in paths if p.suffix in (".safetensors", ".pth")]
     return weights[0] if len(weights) == 1 else None
+
+
+def find_teacher(metadata: Mapping[str, str], explicit: str | None) -> str:
+    """--teacher, else the base checkpoint an ActVAR model names (its path, or its official name)."""
+    from .checkpoint import BUILTIN_TINY
+    from .errors import ConfigError
+
+    if explicit:
+        return resolve_local(explicit)
+    path = metadata.get("base_checkpoint_path")
+    if path and (path == BUILTIN_TINY or Path(path).exists()):
+        return path
+    official = metadata.get("base_checkpoint", "").removesuffix(".pth").removeprefix("var_")
+    if official:
+        return resolve_local(official)
+    raise ConfigError("the model names no base checkpoint to use as teacher", "pass --teacher var_d16.pth")
+
+
+def find_vae(metadata: Mapping[str, str], explicit: str | None) -> str:
+    """--vae, else the VAE a model records (the built-in tiny model records its own), else the
+    official one from the Hub cache."""
+    from .checkpoint import BUILTIN_TINY
+    from .errors import ActvarError, ConfigError
+
+    if explicit:
+        return resolve_local(explicit)
+    stored = metadata.get("vae")
+    if stored and (stored == BUILTIN_TINY or Path(stored).exists()):
+        return stored
+    try:
+        return resolve_local("vae")
+    except ActvarError as e:
+        raise ConfigError("no VQVAE given", "pass --vae vae_ch160v4096z32.pth (or run `actvar download vae`)") from e
 
 
 def resolve_local(spec: str) -> str:

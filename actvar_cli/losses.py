@@ -57,7 +57,7 @@ class PseudoLabels:
 
 @torch.no_grad()
 def pseudo_labels(
-    model: VAR, out: TrainOutput, cond: torch.Tensor, segments: list[SparseSegment], temperature: float
+    model: VAR, out: TrainOutput, segments: list[SparseSegment], temperature: float
 ) -> list[PseudoLabels]:
     """Per block: router targets (experts closest to the full FFN output) and selector
     targets (tokens the full block moves most), from the teacher function each block holds."""
@@ -65,7 +65,7 @@ def pseudo_labels(
     labels = []
     for block, aux in zip(model.blocks, out.aux):
         x_in = aux.block_input.detach()
-        moved = (block(x_in, cond, causal) - x_in).float().square().mean(-1)  # B, L: how far the full block moves
+        moved = (block(x_in, out.cond, causal) - x_in).float().square().mean(-1)  # B, L: how far the full block moves
         router_t, selector_t = [], []
         routed = [s for s in segments if s.keep_experts < block.ffn.num_experts]
         for seg, h in zip(routed, aux.ffn_input):
@@ -88,15 +88,14 @@ def stage1_loss(
     model: VAR,
     out: TrainOutput,
     gt_BL: torch.Tensor,
-    cond: torch.Tensor,
     segments: list[SparseSegment],
     alpha: float,
     beta: float,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supp. eq. 19: L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t)."""
     l_cls = cls_loss(out.logits, gt_BL)
-    targets = pseudo_labels(model, out, cond, segments, temperature)
+    targets = pseudo_labels(model, out, segments, temperature)
     dis_w, dis_t, bl_w, bl_t, agree_w, agree_t = [], [], [], [], [], []
     for aux, tgt in zip(out.aux, targets):
         dw = [kl_to_target(t, lg) for t, lg in zip(tgt.router, aux.router_logits)]
@@ -111,25 +110,27 @@ def stage1_loss(
         agree_t += [_overlap(k, t) for k, t in zip(aux.token_keep, tgt.selector)]
     per_block = alpha * (torch.stack(dis_w) + torch.stack(dis_t)) + beta * (torch.stack(bl_w) + torch.stack(bl_t))
     loss = l_cls + per_block.sum()
-    terms = {
-        "loss": loss.item(),
-        "cls": l_cls.item(),
-        "dis_w": torch.stack(dis_w).mean().item(),
-        "dis_t": torch.stack(dis_t).mean().item(),
-        "bl_w": torch.stack(bl_w).mean().item(),
-        "bl_t": torch.stack(bl_t).mean().item(),
-        "router_agreement": sum(agree_w) / max(1, len(agree_w)),
-        "selector_agreement": sum(agree_t) / max(1, len(agree_t)),
+    terms = {  # detached tensors: read them once per step, not once per term (each read syncs a GPU)
+        "loss": loss,
+        "cls": l_cls,
+        "dis_w": torch.stack(dis_w).mean(),
+        "dis_t": torch.stack(dis_t).mean(),
+        "bl_w": torch.stack(bl_w).mean(),
+        "bl_t": torch.stack(bl_t).mean(),
+        "router_agreement": _mean(agree_w, l_cls),
+        "selector_agreement": _mean(agree_t, l_cls),
     }
-    return loss, terms
+    return loss, {k: v.detach().float() for k, v in terms.items()}
 
 
-def _overlap(keep: torch.Tensor, target: torch.Tensor) -> float:
+def _overlap(keep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Share of the hard choices that are also in the target's top-k."""
-    return ((target > 0) & keep).sum().item() / max(1, keep.sum().item())
+    return ((target > 0) & keep).sum() / keep.sum().clamp_min(1)
 
 
-def stage2_loss(out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def stage2_loss(
+    out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supp. eq. 22: L_cls + KL(p_student || p_teacher) + (1/D) sum_b MSE(student hidden, teacher hidden)."""
     l_cls = cls_loss(out.logits, gt_BL)
     logp_s = out.logits.float().log_softmax(-1)
@@ -137,12 +138,6 @@ def stage2_loss(out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor) -> 
     l_f = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
     l_b = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(out.hidden, teacher.hidden)]).mean()
     loss = l_cls + l_f + l_b
-    with torch.no_grad():
-        agree = (out.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean().item()
-    return loss, {
-        "loss": loss.item(),
-        "cls": l_cls.item(),
-        "kl": l_f.item(),
-        "hidden_mse": l_b.item(),
-        "token_agreement": agree,
-    }
+    agree = (out.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean()
+    terms = {"loss": loss, "cls": l_cls, "kl": l_f, "hidden_mse": l_b, "token_agreement": agree}
+    return loss, {k: v.detach().float() for k, v in terms.items()}

@@ -40,17 +40,22 @@ def held_out_labels(seed: int, ids: list[int], num_classes: int, device) -> torc
     return torch.tensor([image_seed(seed + 1, i) % num_classes for i in ids], device=device)
 
 
+def held_out_rng(seed: int, ids: list[int], device) -> list[torch.Generator]:
+    """The generators of held-out images: image i of evaluation ``seed``."""
+    return image_generators(seed + EVAL_SEED_OFFSET, ids, device)
+
+
 def held_out_batches(teacher: VAR, vae: VQVAE, num: int, batch_size: int, seed: int, device, dtype, opts):
-    """(labels, token pyramid, teacher-forcing input) batches sampled by the teacher, seeded
-    away from every seed a training run uses."""
+    """(ids, labels, teacher generation, teacher-forcing input) batches sampled by the teacher,
+    seeded away from every seed a training run uses."""
     eval_seed = seed + EVAL_SEED_OFFSET
     for s in range(0, num, batch_size):
         ids = list(range(s, min(num, s + batch_size)))
         labels = held_out_labels(eval_seed, ids, teacher.num_classes, device)
         with autocast(device, dtype):
-            gen = generate(teacher, vae, labels, opts, rng=image_generators(eval_seed, ids, device))
+            gen = generate(teacher, vae, labels, opts, rng=held_out_rng(seed, ids, device))
             x = vae.quantize.idx_to_var_input(gen.tokens)
-        yield labels, gen.tokens, x
+        yield ids, labels, gen, x
 
 
 @torch.no_grad()
@@ -73,13 +78,12 @@ def routing_agreement(
     segments = student.sparse_segments(student.policy)
     sums: dict[str, float] = {}
     count = 0
-    for labels, tokens, x in held_out_batches(teacher, vae, num, batch_size, seed, device, dtype, SamplingOptions()):
+    for _, labels, gen, x in held_out_batches(teacher, vae, num, batch_size, seed, device, dtype, SamplingOptions()):
         with autocast(device, dtype):
             out = student.forward_train(labels, x, student.policy, collect_aux=True)
-            cond = student.shared_ada_lin(student.class_emb(labels))
-            _, terms = stage1_loss(student, out, torch.cat(tokens, 1), cond, segments, 0.0, 0.0, temperature)
+            _, terms = stage1_loss(student, out, torch.cat(gen.tokens, 1), segments, 0.0, 0.0, temperature)
         for k in ("router_agreement", "selector_agreement", "dis_w", "dis_t"):
-            sums[k] = sums.get(k, 0.0) + terms[k] * len(labels)
+            sums[k] = sums.get(k, 0.0) + float(terms[k]) * len(labels)
         count += len(labels)
     return {k: v / count for k, v in sums.items()}
 
@@ -101,13 +105,15 @@ def teacher_agreement(
 ) -> dict[str, Any]:
     """On ``num`` teacher-sampled pyramids (held out from training), under teacher forcing:
     per scale, how often the student's argmax token is the teacher's and KL(teacher || student);
-    and the PSNR between teacher and student images generated from the same seeds."""
+    and the PSNR between teacher and student images generated from the same seeds (for the
+    first ``psnr_images`` of those pyramids, at most ``num``)."""
     device = torch.device(device)
     policy = policy if policy is not None else student.policy
     S = len(student.cfg.patch_nums)
     agree, kl, count = np.zeros(S), np.zeros(S), 0
-    eval_seed = seed + EVAL_SEED_OFFSET
-    for labels, _, x in held_out_batches(teacher, vae, num, batch_size, seed, device, dtype, opts):
+    n_img = num if psnr_images is None else min(psnr_images, num)
+    psnr: list[float] = []
+    for ids, labels, gen, x in held_out_batches(teacher, vae, num, batch_size, seed, device, dtype, opts):
         with autocast(device, dtype):
             t_logits = teacher.forward_train(labels, x).logits.float()
             s_logits = student.forward_train(labels, x, policy).logits.float()
@@ -118,6 +124,9 @@ def teacher_agreement(
             agree[si] += same[:, bg:ed].mean(1).sum().item()
             kl[si] += kl_tok[:, bg:ed].mean(1).sum().item()
         count += len(labels)
+        k = max(0, min(len(ids), n_img - ids[0]))  # how many of this batch's images enter the PSNR
+        if k:
+            psnr += image_psnr(student, vae, gen.f_hat[:k], labels[:k], ids[:k], seed, device, dtype, policy, opts)
         if progress:
             progress("teacher forcing", count, num)
     agree, kl = agree / count, kl / count
@@ -134,31 +143,18 @@ def teacher_agreement(
         "logit_kl_all_scales": float(kl.mean()),
         "per_scale": per_scale,
     }
-    n_img = num if psnr_images is None else psnr_images
-    if n_img > 0:
-        result["psnr_db"] = image_psnr(
-            student, teacher, vae, n_img, batch_size, eval_seed, device, dtype, policy, opts, progress
-        )
+    if psnr:
+        result["psnr_db"] = float(np.mean(psnr))
     return result
 
 
 @torch.no_grad()
-def image_psnr(student, teacher, vae, num, batch_size, seed, device, dtype, policy, opts, progress=None) -> float:
-    """Mean PSNR (dB) between dense and sparse images generated from the same per-image seeds."""
-    values = []
-    for s in range(0, num, batch_size):
-        ids = list(range(s, min(num, s + batch_size)))
-        labels = held_out_labels(seed, ids, teacher.num_classes, device)
-        imgs = []
-        for model, pol in ((teacher, None), (student, policy)):
-            with autocast(device, dtype):
-                gen = generate(model, vae, labels, opts, rng=image_generators(seed, ids, device), policy=pol)
-            imgs.append(decode_images(vae, gen.f_hat))
-        mse = (imgs[0] - imgs[1]).square().flatten(1).mean(1).clamp_min(1e-10)
-        values += (10 * torch.log10(1 / mse)).tolist()
-        if progress:
-            progress("psnr", len(values), num)
-    return float(np.mean(values))
+def image_psnr(student, vae, teacher_fhat, labels, ids, seed, device, dtype, policy, opts) -> list[float]:
+    """PSNR (dB) of each teacher image against the student's image from the same per-image seed."""
+    with autocast(device, dtype):
+        gen = generate(student, vae, labels, opts, rng=held_out_rng(seed, ids, device), policy=policy)
+    mse = (decode_images(vae, teacher_fhat) - decode_images(vae, gen.f_hat)).square().flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).tolist()
 
 
 # ---------------------------------------------------------------------------

@@ -121,7 +121,6 @@ class BlockAux:
     expert_keep: list[torch.Tensor] = field(default_factory=list)  # (B, n, N) bool
     ffn_input: list[torch.Tensor] = field(default_factory=list)  # (B, n, C), detached
     block_input: torch.Tensor | None = None  # (B, L, C)
-    block_output: torch.Tensor | None = None  # (B, L, C)
 
 
 class Block(nn.Module):
@@ -278,6 +277,7 @@ class TrainOutput:
     logits: torch.Tensor  # B, L, V
     hidden: list[torch.Tensor]  # per block output, B, L, C
     aux: list[BlockAux]
+    cond: torch.Tensor  # what every block is conditioned on (B, C, or B16C with shared AdaLN)
 
 
 class VAR(nn.Module):
@@ -372,12 +372,11 @@ class VAR(nn.Module):
                 aux = BlockAux(block_input=x) if collect_aux else None
                 x = b.forward_masked(x, cond, causal, segments, aux)
                 if aux is not None:
-                    aux.block_output = x
                     auxes.append(aux)
             else:
                 x = b(x, cond, causal)
             hidden.append(x)
-        return TrainOutput(self.logits(x, cond_BD), hidden, auxes)
+        return TrainOutput(self.logits(x, cond_BD), hidden, auxes, cond)
 
     # -- generation ----------------------------------------------------------------------
 

@@ -148,6 +148,7 @@ def generate(
     cache = model.new_cache()
     f_hat = torch.zeros(B, Cvae, HW, HW, device=device, dtype=torch.float32)
     tokens, kept_logits = [], []
+    per_image = rng is not None and not isinstance(rng, torch.Generator)  # one generator per image
     cur = 0
     for si, pn in enumerate(patch_nums):
         ratio = si / (SN - 1)
@@ -157,7 +158,6 @@ def generate(
             kept_logits.append(logits_2BlV.float())
         t = opts.cfg * ratio
         guided = ((1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]).float()
-        per_image = rng is not None and not isinstance(rng, torch.Generator)
         if per_image and not opts.more_smooth:
             idx_Bl = sample_tokens_per_image(guided, opts.top_k, opts.top_p, rng)
         else:
