@@ -2,8 +2,8 @@
 
 Both models generate the same classes with the same per-image seeds. After warm-up the
 runs alternate (dense, sparse, dense, ...) so that drift in machine speed hits both alike;
-medians are reported. Transformer time (the whole autoregressive loop) and VAE decode
-time are measured separately.
+medians are reported. Transformer time (the whole autoregressive loop) is measured on every
+run; the VAE decode, the same work for both models, once per model.
 """
 
 from __future__ import annotations
@@ -11,19 +11,18 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .config import SparsityPolicy
 from .device import autocast, synchronize
 from .flops import count_flops
 from .model import VAR
+from .policy import SparsityPolicy
+from .progress import Progress
 from .sampling import SamplingOptions, decode_images, generate, image_generators
 from .vqvae import VQVAE
-
-Progress = Callable[[int, int], None]
 
 
 class PeakMemory:
@@ -76,6 +75,7 @@ def _one_run(
     policy: SparsityPolicy | None,
     device: torch.device,
     dtype: str,
+    decode: bool = True,
 ) -> tuple[float, float, int]:
     rng = image_generators(seed, range(labels.shape[0]), device)
     with PeakMemory(device) as mem:
@@ -85,10 +85,19 @@ def _one_run(
             gen = generate(model, vae, labels, opts, rng=rng, policy=policy)
         synchronize(device)
         t1 = time.perf_counter()
-        decode_images(vae, gen.f_hat)
-        synchronize(device)
+        if decode:
+            decode_images(vae, gen.f_hat)
+            synchronize(device)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, mem.peak
+
+
+UPSTREAM_DEMO_CLASSES = (980, 437, 22, 562, 207, 360, 387, 974)
+
+
+def bench_classes(num_classes: int) -> tuple[int, ...]:
+    """Upstream VAR's demo classes on ImageNet models; every class of any other model."""
+    return UPSTREAM_DEMO_CLASSES if num_classes == 1000 else tuple(range(num_classes))
 
 
 def bench(
@@ -100,12 +109,13 @@ def bench(
     batch_size: int = 8,
     repeats: int = 5,
     warmup: int = 1,
-    classes: tuple[int, ...] = (980, 437, 22, 562, 207, 360, 387, 974),
+    classes: tuple[int, ...] | None = None,
     seed: int = 0,
     policy: SparsityPolicy | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     policy = policy or sparse.policy
+    classes = classes or bench_classes(dense.num_classes)
     labels = torch.tensor([classes[i % len(classes)] for i in range(batch_size)], device=device)
     opts = SamplingOptions()
     runs: dict[str, list[tuple[float, float, int]]] = {"dense": [], "sparse": []}
@@ -114,16 +124,17 @@ def bench(
     with torch.inference_mode():
         for r in range(warmup + repeats):
             for name, model, pol in (("dense", dense, None), ("sparse", sparse, policy)):
-                result = _one_run(model, vae, labels, seed, opts, pol, device, dtype)
+                # the VQVAE decode is the same work for both models: timed once each
+                result = _one_run(model, vae, labels, seed, opts, pol, device, dtype, decode=r == warmup)
                 if r >= warmup:
                     runs[name].append(result)
                 done += 1
                 if progress:
-                    progress(done, total)
+                    progress("benchmark", done, total)
 
     def summary(name: str) -> dict[str, Any]:
         gen = statistics.median(t for t, _, _ in runs[name])
-        dec = statistics.median(d for _, d, _ in runs[name])
+        dec = runs[name][0][1]
         return {
             "generation_s": gen,
             "decode_s": dec,
@@ -161,16 +172,15 @@ def bench(
 def load_pair(dense: str | None, sparse: str | None, arch: str | None, vae: str | None) -> tuple[VAR, VAR, VQVAE, str]:
     """The two models to compare and a VAE, from files or (``arch``) with random weights.
 
-    Timing does not depend on the weights, so a missing VAE is replaced by one of the
-    official shape with random weights, and ``--arch`` converts a random model in memory
-    (router and selector from weight statistics: no calibration needed to time it).
+    Timing does not depend on the weights, so ``--arch`` converts a random model in memory
+    (router and selector from weight statistics: no calibration needed to time it), and a
+    missing VAE is replaced by one of the right shape with random weights.
     """
-    from .checkpoint import BUILTIN_TINY, load_vae, load_var
-    from .config import VAEConfig, arch_config
+    from .checkpoint import load_vae, load_var
+    from .config import BUILTIN_NAME, VAEConfig, arch_config
     from .conversion import MoefyOptions, moefy
     from .errors import ConfigError
-    from .hub import resolve_local
-    from .tiny import TINY_VAE_CONFIG, random_state_dict
+    from .random_weights import random_state_dict
 
     notes = []
     if arch is not None:
@@ -179,25 +189,28 @@ def load_pair(dense: str | None, sparse: str | None, arch: str | None, vae: str 
         cfg = arch_config(arch)
         sd = random_state_dict(VAR(cfg), 0)
         dense_model = _from_sd(cfg, sd)
-        sparse_model, _ = moefy(_from_sd(cfg, sd), None, MoefyOptions(calib_images=0))
+        S = len(cfg.patch_nums)
+        policy = SparsityPolicy(scales=(S - 1, S))  # the paper's default: the last two scales
+        sparse_model, _ = moefy(_from_sd(cfg, sd), None, MoefyOptions(calib_images=0, policy=policy))
         notes.append(f"random {arch} weights, converted in memory with the default policy")
     else:
         if not (dense and sparse):
             raise ConfigError("give the dense and the ActVAR checkpoint (or --arch)")
-        dense_model, _ = load_var(resolve_local(dense))
-        sparse_model, info = load_var(resolve_local(sparse))
+        dense_model, _ = load_var(dense)
+        sparse_model, info = load_var(sparse)
         if info.kind != "actvar":
             raise ConfigError(f"{sparse} is not an ActVAR model", "convert it first with `actvar moefy`")
         if sparse_model.cfg.replace(num_experts=0) != dense_model.cfg:
             raise ConfigError("the two models have different architectures")
     if vae is not None:
-        vae_model, _ = load_vae(resolve_local(vae), dense_model.cfg.patch_nums)
+        vae_model, _ = load_vae(vae, dense_model.cfg.patch_nums)
+    elif dense_model.cfg == arch_config(BUILTIN_NAME):
+        vae_model, _ = load_vae(BUILTIN_NAME, dense_model.cfg.patch_nums)
     else:
-        small = dense_model.cfg.embed_dim < 512
-        vae_cfg = TINY_VAE_CONFIG if small or arch == BUILTIN_TINY else VAEConfig()
-        vae_cfg = type(vae_cfg)(**{**vae_cfg.to_dict(), "patch_nums": dense_model.cfg.patch_nums})
-        vae_model = VQVAE(vae_cfg)
-        vae_model.load_state_dict(random_state_dict(vae_model, 1))
+        vae_cfg = VAEConfig(patch_nums=dense_model.cfg.patch_nums)
+        with torch.device("meta"):
+            vae_model = VQVAE(vae_cfg)
+        vae_model.load_state_dict(random_state_dict(VQVAE(vae_cfg), 1), assign=True)
         vae_model.eval().requires_grad_(False)
         notes.append(f"decode timed with a random-weight VQVAE (ch={vae_cfg.ch})")
     return dense_model, sparse_model, vae_model, "; ".join(notes)
@@ -207,5 +220,110 @@ def _from_sd(cfg, sd) -> VAR:
     with torch.device("meta"):
         model = VAR(cfg)
     model.load_state_dict(sd, strict=True, assign=True)  # the models may share tensors: inference never writes them
-    model.policy = None
     return model.eval().requires_grad_(False)
+
+
+SWEEP_ARCHS = ("tiny", "d12", "d16", "d20")
+SWEEP_BATCHES = (1, 4, 8)
+COMPONENT_FLOPS = {  # which FLOPs counter components each timed component runs
+    "attention": ("qkv", "attention", "proj"),
+    "ffn": ("ffn", "router"),
+    "select": ("selector",),
+    "head": ("head",),
+    "decode": (),
+}
+
+
+def breakdown(dense: VAR, sparse: VAR, vae: VQVAE, device, dtype: str, batch_size: int, seed: int = 0) -> dict:
+    """Seconds per component of one generation and decode, dense and sparse, beside each component's
+    share of the FLOPs (the decode is not counted in FLOPs)."""
+    from .profiling import time_components
+
+    labels = torch.tensor([i % dense.num_classes for i in range(batch_size)], device=device)
+    out: dict[str, Any] = {}
+    flops = count_flops(sparse.cfg.replace(num_experts=0), sparse.policy, sparse.cfg.num_experts)
+    for name, model, pol, which in (("dense", dense, None, "dense"), ("sparse", sparse, sparse.policy, "sparse")):
+        _one_run(model, vae, labels, seed, SamplingOptions(), pol, device, dtype)  # warm up
+        seconds = time_components(
+            lambda m=model, p=pol: _one_run(m, vae, labels, seed, SamplingOptions(), p, device, dtype), device
+        )
+        comp = flops.by_component(which)
+        total_flops = sum(comp.values())
+        share = {c: sum(comp[k] for k in keys) / total_flops for c, keys in COMPONENT_FLOPS.items()}
+        share["other"] = 1 - sum(share.values())
+        out[name] = {"seconds": seconds, "flops_share": share}
+    return out
+
+
+@dataclass
+class BenchRequest:
+    """What ``actvar bench`` was asked for (several architectures and batch sizes make a sweep)."""
+
+    dense: str | None = None
+    sparse: str | None = None
+    archs: list[str] | None = None
+    vae: str | None = None
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    compile: bool = False
+    breakdown: bool = False
+
+    def validate(self) -> None:
+        from .config import arch_config
+        from .errors import ConfigError
+
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"--batch-size {self.batch_sizes}: every batch size must be at least 1")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats {self.repeats}: must be at least 1")
+        if self.warmup < 0 or (self.compile and self.warmup < 1):
+            raise ConfigError(f"--warmup {self.warmup}: must be 0 or more (1 or more with --compile: it compiles)")
+        for arch in self.archs or []:
+            arch_config(arch)
+
+
+def bench_point(req: BenchRequest, arch: str | None, batch_size: int, progress: Progress | None) -> dict[str, Any]:
+    from .device import pick_device, resolve_dtype
+    from .sampling import compile_steps
+
+    dev = pick_device(req.device)
+    dt = resolve_dtype(req.dtype, dev)
+    dense_model, sparse_model, vae_model, note = load_pair(req.dense, req.sparse, arch, req.vae)
+    for m in (dense_model, sparse_model, vae_model):
+        m.to(dev)
+    if req.compile:
+        compile_steps(dense_model), compile_steps(sparse_model)
+    result = bench(
+        dense_model,
+        sparse_model,
+        vae_model,
+        dev,
+        dt,
+        batch_size,
+        req.repeats,
+        req.warmup,
+        seed=req.seed,
+        progress=progress,
+    )
+    result.update({"arch": arch or req.dense, "note": note, "compiled": req.compile})
+    if req.breakdown:
+        result["breakdown"] = breakdown(dense_model, sparse_model, vae_model, dev, dt, batch_size, req.seed)
+    return result
+
+
+def bench_command(req: BenchRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """One comparison, or a sweep over architectures and batch sizes (``{"points": [...]}``)."""
+    req.validate()
+    points = [(a, b) for a in (req.archs or [None]) for b in req.batch_sizes]
+    if len(points) == 1:
+        return bench_point(req, *points[0], progress)
+    results = []
+    for k, (arch, batch) in enumerate(points):
+        results.append(bench_point(req, arch, batch, None))
+        if progress:
+            progress("sweep", k + 1, len(points), f"{arch} batch {batch}")
+    return {"points": results}

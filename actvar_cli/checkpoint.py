@@ -8,6 +8,8 @@ place, so an interrupted run leaves either the old file or the new one, never ha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -21,9 +23,9 @@ from typing import Any
 
 import torch
 
+from .builtin import BUILTIN_NAME, builtin_state_dict
 from .config import (
     PATCH_NUMS_256,
-    SparsityPolicy,
     VAEConfig,
     VARConfig,
     infer_vae_config,
@@ -32,12 +34,13 @@ from .config import (
     looks_like_var,
 )
 from .errors import CheckpointError, ConfigError, OutputError
-from .model import VAR
+from .model import VAR, derived_buffers
+from .policy import SparsityPolicy
 from .vqvae import VQVAE
 
 FORMAT_NAME = "actvar"
 FORMAT_VERSION = "1"
-BUILTIN_TINY = "tiny"
+FORMAT_KEYS = ("format", "format_version", "kind", "var_config", "vae_config", "policy")  # written by save_model
 DOWNLOAD_HINT = "check the path, or fetch official weights with `actvar download d16`"
 
 
@@ -120,8 +123,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return sd, meta
 
 
-def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, safetensors metadata or {}) of a file."""
+def file_format(path: Path) -> str:
+    """``pth`` (a zip or legacy pickle written by torch.save) or ``safetensors``, from the first bytes."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if path.suffix != ".safetensors" and (head[:2] == b"PK" or head[:1] == b"\x80"):
+        return "pth"
+    if path.suffix != ".safetensors" and len(head) == 8 and int.from_bytes(head, "little") > path.stat().st_size:
+        raise CheckpointError(
+            f"{path} is not a checkpoint (neither PyTorch nor safetensors)",
+            "give a VAR or VQVAE weights file (.pth or .safetensors)",
+        )
+    return "safetensors"
+
+
+def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(state dict, safetensors metadata or {}, format) of a file."""
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"no such file: {path}", DOWNLOAD_HINT)
@@ -129,23 +146,26 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         raise CheckpointError(f"{path} is a folder, not a checkpoint file", "name the .pth or .safetensors file in it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty", "download or write it again")
-    with path.open("rb") as f:
-        head = f.read(8)
-    is_zip = head[:2] == b"PK"
-    is_pickle = head[:1] == b"\x80"
-    if path.suffix == ".safetensors" or not (is_zip or is_pickle):
-        if path.suffix != ".safetensors" and len(head) == 8:
-            header_len = int.from_bytes(head, "little")
-            if header_len > path.stat().st_size:
-                raise CheckpointError(
-                    f"{path} is not a checkpoint (neither PyTorch nor safetensors)",
-                    "give a VAR or VQVAE weights file (.pth or .safetensors)",
-                )
-        return _read_safetensors(path)
-    return _read_pth(path), {}
+    fmt = file_format(path)
+    if fmt == "pth":
+        return _read_pth(path), {}, fmt
+    sd, meta = _read_safetensors(path)
+    return sd, meta, fmt
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, remembered per (path, size, modification time)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def source_id(source: str | os.PathLike) -> str:
+    """What identifies a model's weights: the file's sha256, or ``builtin:NAME``."""
+    return f"builtin:{source}" if str(source) == BUILTIN_NAME else sha256_file(source)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -158,6 +178,11 @@ def _metadata_json(meta: Mapping[str, str], key: str) -> Any:
         return json.loads(meta[key]) if key in meta else None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"metadata entry {key!r} is not valid JSON") from e
+
+
+def user_metadata(meta: Mapping[str, str]) -> dict[str, str]:
+    """A file's metadata without the entries ``save_model`` writes itself (format, config, policy)."""
+    return {k: v for k, v in meta.items() if k not in FORMAT_KEYS}
 
 
 def describe(
@@ -176,7 +201,7 @@ def describe(
             if num_heads is not None and num_heads != cfg.num_heads:
                 raise ConfigError(f"--num-heads {num_heads} contradicts the stored config ({cfg.num_heads} heads)")
             inferred = infer_var_config(sd, num_heads=cfg.num_heads, patch_nums=cfg.patch_nums)
-            if inferred.to_dict() != cfg.to_dict():
+            if inferred.replace(vae_stride=cfg.vae_stride, norm_eps=cfg.norm_eps) != cfg:  # neither shows in tensors
                 raise CheckpointError(f"{source}: stored config does not match its tensors")
         else:
             cfg = infer_var_config(sd, num_heads=num_heads)
@@ -185,32 +210,46 @@ def describe(
         policy = SparsityPolicy.from_dict(policy_d) if policy_d else (SparsityPolicy() if cfg.num_experts else None)
         return CheckpointInfo(source, kind, fmt, dict(meta), var_config=cfg, policy=policy)
     if looks_like_vae(keys):
-        patch_nums = tuple(_metadata_json(meta, "patch_nums") or PATCH_NUMS_256)
-        return CheckpointInfo(source, "vqvae", fmt, dict(meta), vae_config=infer_vae_config(sd, patch_nums))
+        return CheckpointInfo(source, "vqvae", fmt, dict(meta), vae_config=vae_config_of(sd, meta, None))
     raise CheckpointError(
         f"{source} is neither a VAR nor a VQVAE checkpoint (unrecognised keys, e.g. {sorted(keys)[0]!r})",
         "give an official var_dXX.pth / vae_ch160v4096z32.pth or a file written by actvar",
     )
 
 
-def read_checkpoint(source: str | os.PathLike, num_heads: int | None = None):
-    """(state dict, CheckpointInfo); ``tiny`` names the built-in toy model."""
-    if str(source) == BUILTIN_TINY:
-        from .tiny import tiny_var_state_dict
+def vae_config_of(
+    sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], patch_nums: tuple[int, ...] | None
+) -> VAEConfig:
+    """Read off the tensors; what they cannot show (GroupNorm groups, phi ratio) comes from the
+    stored config, else upstream's defaults. The patch layout is the VAR's (None: the stored one)."""
+    stored = _metadata_json(meta, "vae_config")
+    if patch_nums is None:
+        patch_nums = tuple(stored["patch_nums"]) if stored and "patch_nums" in stored else PATCH_NUMS_256
+    inferred = infer_vae_config(sd, patch_nums)
+    if not stored:
+        return inferred
+    cfg = VAEConfig.from_dict({**stored, "patch_nums": tuple(patch_nums)})
+    if inferred != dataclasses.replace(cfg, norm_groups=inferred.norm_groups, quant_resi=inferred.quant_resi):
+        raise CheckpointError("the stored VQVAE config does not match its tensors")
+    return cfg
 
-        sd = tiny_var_state_dict()
-        return sd, describe(sd, {"vae": BUILTIN_TINY}, BUILTIN_TINY, "builtin", num_heads)
-    sd, meta = read_state_dict(source)
-    fmt = "safetensors" if meta or Path(source).suffix == ".safetensors" else "pth"
+
+def read_checkpoint(source: str | os.PathLike, num_heads: int | None = None):
+    """(state dict, CheckpointInfo) of a VAR or VQVAE file, or of the built-in ``tiny``."""
+    if str(source) == BUILTIN_NAME:
+        sd, meta = builtin_state_dict("var")
+        return sd, describe(sd, {**meta, "vae": BUILTIN_NAME}, BUILTIN_NAME, "builtin", num_heads)
+    sd, meta, fmt = read_state_dict(source)
     return sd, describe(sd, meta, str(source), fmt, num_heads)
 
 
 def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
     sd = dict(sd)
-    # derivable buffers: accepted when present, rebuilt when a file lacks them
+    for name, buf in derived_buffers(module.cfg).items():  # accepted when present, rebuilt when absent
+        sd.setdefault(name, buf)
     for name, _ in module.named_buffers():
-        if name not in sd and name.rsplit(".", 1)[-1] in ("lvl_1L", "attn_bias_for_masking", "zero_k_bias"):
-            sd[name] = _rebuilt_buffer(module, name.rsplit(".", 1)[-1])
+        if name.endswith("zero_k_bias"):
+            sd.setdefault(name, torch.zeros(module.cfg.embed_dim))
     try:
         module.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
@@ -219,18 +258,17 @@ def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: 
         raise CheckpointError(f"{source} does not match the inferred architecture: {detail}") from e
 
 
-def _rebuilt_buffer(module: torch.nn.Module, name: str) -> torch.Tensor:
-    cfg = module.cfg  # these buffers are functions of the config alone
-    L = cfg.seq_len
-    lvl = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.patch_nums)]).view(1, L, 1)
-    if name == "lvl_1L":
-        return lvl[:, :, 0].contiguous()
-    if name == "attn_bias_for_masking":
-        return torch.where(lvl >= lvl.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L)
-    return torch.zeros(cfg.embed_dim)
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """NaN or infinite weights would generate images with no word of warning: refuse them."""
+    for key, t in sd.items():
+        if t.is_floating_point() and not key.endswith("attn_bias_for_masking") and not torch.isfinite(t).all():
+            raise CheckpointError(
+                f"{source} holds NaN or infinite values (first in {key})", "the file is damaged, or training diverged"
+            )
 
 
 def build_var_from_state_dict(sd: Mapping[str, torch.Tensor], info: CheckpointInfo) -> VAR:
+    check_finite(sd, info.source)
     with torch.device("meta"):
         model = VAR(info.var_config)
     _load_into(model, sd, info.source)
@@ -240,6 +278,7 @@ def build_var_from_state_dict(sd: Mapping[str, torch.Tensor], info: CheckpointIn
 
 
 def build_vae_from_state_dict(sd: Mapping[str, torch.Tensor], info: CheckpointInfo) -> VQVAE:
+    check_finite(sd, info.source)
     with torch.device("meta"):
         vae = VQVAE(info.vae_config)
     try:
@@ -252,30 +291,32 @@ def build_vae_from_state_dict(sd: Mapping[str, torch.Tensor], info: CheckpointIn
 def load_var(source: str | os.PathLike, num_heads: int | None = None) -> tuple[VAR, CheckpointInfo]:
     """A VAR or ActVAR model (eval mode, no grad) from a file or ``tiny``."""
     sd, info = read_checkpoint(source, num_heads)
-    if info.kind == "vqvae":
-        raise CheckpointError(
-            f"{source} is a VQVAE checkpoint, not a VAR model",
-            "pass it with --vae, and give a VAR (e.g. var_d16.pth) as the model",
-        )
+    require_var(info)
     return build_var_from_state_dict(sd, info), info
 
 
-def load_vae(source: str | os.PathLike, patch_nums: tuple[int, ...] = PATCH_NUMS_256) -> tuple[VQVAE, CheckpointInfo]:
-    """The VQVAE from a file or ``tiny``; ``patch_nums`` comes from the VAR it will serve."""
-    if str(source) == BUILTIN_TINY:
-        from .tiny import tiny_vae_state_dict
+def require_var(info: CheckpointInfo) -> None:
+    if info.kind == "vqvae":
+        raise CheckpointError(
+            f"{info.source} is a VQVAE checkpoint, not a VAR model",
+            "pass it with --vae, and give a VAR (e.g. var_d16.pth) as the model",
+        )
 
-        sd, meta, fmt = tiny_vae_state_dict(), {}, "builtin"
+
+def load_vae(source: str | os.PathLike, patch_nums: tuple[int, ...] | None = None) -> tuple[VQVAE, CheckpointInfo]:
+    """The VQVAE from a file or ``tiny``; ``patch_nums`` comes from the VAR it will serve (by
+    default the layout stored with the VQVAE, else upstream's 256-px one)."""
+    if str(source) == BUILTIN_NAME:
+        (sd, meta), fmt = builtin_state_dict("vae"), "builtin"
     else:
-        sd, meta = read_state_dict(source)
-        fmt = "safetensors" if Path(source).suffix == ".safetensors" else "pth"
+        sd, meta, fmt = read_state_dict(source)
     info = describe(sd, meta, str(source), fmt)
     if info.kind != "vqvae":
         raise CheckpointError(
             f"{source} is a VAR model, not a VQVAE",
             "give the VAE (e.g. vae_ch160v4096z32.pth) with --vae",
         )
-    info.vae_config = infer_vae_config(sd, patch_nums)
+    info.vae_config = vae_config_of(sd, meta, tuple(patch_nums) if patch_nums else None)
     return build_vae_from_state_dict(sd, info), info
 
 
@@ -292,6 +333,23 @@ def check_pair(var_cfg: VARConfig, vae: VQVAE) -> None:
 # ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
+
+
+def check_output_file(output: Path, suffixes: tuple[str, ...], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """An output file may not be a folder, one of the command's inputs, or of an unknown kind."""
+    output = Path(output)
+    if output.is_dir():
+        raise OutputError(f"{output} is a folder", "give a file name, e.g. model.safetensors")
+    if output.suffix not in suffixes:
+        raise OutputError(f"{output}: the output must end in {' or '.join(suffixes)}")
+    check_not_input(output, inputs)
+
+
+def check_not_input(output: Path, inputs: tuple[str | os.PathLike, ...]) -> None:
+    """No command writes over one of its own inputs."""
+    for src in inputs:
+        if src and src != BUILTIN_NAME and Path(src).exists() and output.exists() and output.samefile(src):
+            raise OutputError(f"{output} is also an input of this command", "write the output to another file")
 
 
 @contextlib.contextmanager
@@ -349,7 +407,7 @@ def model_metadata(model: VAR, extra: Mapping[str, Any] | None = None) -> dict[s
         "kind": "actvar" if model.is_actvar else "var",
         "var_config": model.cfg.to_dict(),
     }
-    if getattr(model, "policy", None) is not None:
+    if model.policy is not None:
         meta["policy"] = model.policy.to_dict()
     meta.update(extra or {})
     return meta

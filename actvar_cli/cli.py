@@ -1,4 +1,4 @@
-"""The ``actvar`` command line: parse options, call the library, render results with Rich."""
+"""The ``actvar`` command line: parse options, call one library function, render the result."""
 
 from __future__ import annotations
 
@@ -10,36 +10,43 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from . import __version__
+from . import __version__, render
+from .arguments import parse_int_list, parse_set, policy_flags
+from .arguments import request as args_to
 from .errors import ActvarError, ConfigError
+from .render import err, out
 
 app = typer.Typer(
     name="actvar",
     help="Turn a pretrained VAR image generator into a cheaper ActVAR model, and use it.\n\n"
-    "Try it at once on the built-in tiny model: `actvar demo`.",
+    "Try it at once on the built-in reference model: `actvar demo`.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
-out = Console()  # results and JSON
-err = Console(stderr=True)  # messages, progress
 STATE = {"debug": False}
 
-
 # Options that several commands share, defined once.
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Cfg = Annotated[float, typer.Option(help="Classifier-free guidance (ramped over scales, as upstream).")]
 TopK = Annotated[int, typer.Option(help="Top-k sampling (0: off).")]
 TopP = Annotated[float, typer.Option(help="Top-p sampling (0: off).")]
 Seed = Annotated[int, typer.Option(help="Base seed; image i uses a generator seeded from (seed, i).")]
 NumHeads = Annotated[int | None, typer.Option(help="Override the head count (default: depth).")]
+Vae = Annotated[
+    str | None, typer.Option(help="The VQVAE [the model's own (tiny for tiny), else the cached official one].")
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace what another run left in the output folder.")]
+Scales = Annotated[str | None, typer.Option(help="1-based sparse scales, e.g. 9,10 [the model's or recipe's].")]
+TokenRate = Annotated[float | None, typer.Option(help="Fraction of tokens kept on every sparse scale [0.75].")]
+TokenRates = Annotated[str | None, typer.Option(help="Token rate per sparse scale, e.g. 0.5,0.75.")]
+WeightRate = Annotated[float | None, typer.Option(help="Fraction of experts each kept token uses [0.75].")]
+Config = Annotated[str | None, typer.Option("--config", help="Recipe YAML (or d16, tiny); flags override its keys.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile each scale's step (docs/benchmarks.md).")]
 
 
 def _version(value: bool) -> None:
@@ -75,64 +82,14 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=transient,
-    )
+def resolve(spec: str) -> str:
+    from .hub import resolve_local
 
-
-def task_updater(bar: Progress):
-    """A (what, done, total) callback that keeps one bar per ``what``."""
-    tasks: dict[str, Any] = {}
-
-    def update(what: str, done: int, total: int) -> None:
-        if what not in tasks:
-            tasks[what] = bar.add_task(what, total=total, info="")
-        bar.update(tasks[what], completed=done, total=total)
-
-    return update
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``0,7,42`` or ranges ``0-9``."""
-    values: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                values.extend(range(int(lo), int(hi) + 1))
-            else:
-                values.append(int(part))
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a list of integers", "write e.g. 0,7,42 or 0-9") from None
-    return values
-
-
-def parse_float_list(text: str, what: str) -> list[float]:
-    try:
-        return [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a list of numbers", "write e.g. 0.75,0.5") from None
-
-
-def kv_table(title: str, rows: dict[str, Any]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows.items():
-        table.add_row(k, str(v))
-    return table
+    return resolve_local(spec)
 
 
 # ---------------------------------------------------------------------------
-# download / inspect / sample
+# download / inspect / sample / random-weights
 # ---------------------------------------------------------------------------
 
 
@@ -143,31 +100,22 @@ def download(
     local_dir: Path | None = typer.Option(None, help="Put files here instead of the Hub cache."),
     force: bool = typer.Option(False, "--force", help="Download again even if cached."),
     offline: bool = typer.Option(False, "--offline", help="Use only the local cache (as HF_HUB_OFFLINE=1)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the local paths as JSON."),
+    as_json: Json = False,
 ) -> None:
     """Fetch official VAR weights (or any Hub model) into the Hub cache.
 
     Examples: `actvar download d16 vae` · `actvar download d30 --local-dir weights/` ·
     `actvar download USER/actvar-d16`
     """
-    from . import hub
+    from .hub import download_all
 
     with handled():
-        results = {}
-        for name in names:
-            results[name] = [str(p) for p in hub.download(name, revision, local_dir, force, offline)]
+        results = download_all(names, revision, local_dir, force, offline)
     if as_json:
-        emit_json(results)
-        return
+        return emit_json(results)
     for name, paths in results.items():
         for p in paths:
             out.print(f"[green]✓[/] {name}: {p}", highlight=False)
-
-
-def resolve_source(spec: str) -> str:
-    from .hub import resolve_local
-
-    return resolve_local(spec)
 
 
 @app.command()
@@ -184,22 +132,19 @@ def inspect(
     from .inspection import inspect_checkpoint
 
     with handled():
-        report = inspect_checkpoint(resolve_source(checkpoint), num_heads=num_heads, with_hash=not no_hash)
+        report = inspect_checkpoint(resolve(checkpoint), num_heads=num_heads, with_hash=not no_hash)
     if as_json:
-        emit_json(report)
-        return
-    rows = {k: v for k, v in report.items() if k not in ("config", "metadata")}
-    out.print(kv_table(f"{report['kind']} checkpoint", rows))
-    out.print(kv_table("inferred config", report["config"]))
-    if report.get("metadata"):
-        out.print(kv_table("metadata", report["metadata"]))
+        return emit_json(report)
+    render.inspect_report(report)
 
 
 @app.command()
 def sample(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help="VAR or ActVAR model: a file, an official name in the cache, or tiny."),
-    vae: str | None = typer.Option(None, help="The VQVAE (vae_ch160v4096z32.pth); defaults to tiny for tiny."),
-    classes: str = typer.Option("980,437,22,562", help="Class ids, e.g. 0,7,42 or 0-9, in output order."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (resumable: a run's missing images are made)."),
+    vae: Vae = None,
+    classes: str | None = typer.Option(None, help="Class ids, e.g. 0,7,42 or 0-9, in output order [4 classes]."),
     num_per_class: int = typer.Option(1, help="Images per class."),
     cfg: Cfg = 1.5,
     top_k: TopK = 900,
@@ -209,14 +154,13 @@ def sample(
     device: Device = "auto",
     dtype: Dtype = "auto",
     more_smooth: bool = typer.Option(False, "--more-smooth", help="Gumbel smoothing for nicer pictures (not for FID)."),
-    out_dir: Path = typer.Option(..., "--out", help="Output folder (resumable: existing PNGs are kept)."),
     npz: bool = typer.Option(False, "--npz", help="Also write samples.npz (arr_0: uint8 NHWC) for the ADM evaluator."),
-    upstream_seeding: bool = typer.Option(
-        False, "--upstream-seeding", help="One generator per batch (seed + batch number), exactly as upstream."
-    ),
+    upstream_seeding: bool = typer.Option(False, "--upstream-seeding", help="Upstream's seeds: seed + batch number."),
     dense: bool = typer.Option(False, "--dense", help="Run an ActVAR model with every token and expert active."),
+    overwrite: Overwrite = False,
     num_heads: NumHeads = None,
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    compile: Compile = False,
+    as_json: Json = False,
 ) -> None:
     """Generate class-conditional images: one PNG each, a grid.png, and optionally samples.npz.
 
@@ -225,95 +169,38 @@ def sample(
     Examples: `actvar sample tiny --out samples/` ·
     `actvar sample var_d16.pth --vae vae_ch160v4096z32.pth --classes 0-999 --num-per-class 50 --out fid/ --npz`
     """
-    from .checkpoint import check_pair, load_vae, load_var
-    from .device import pick_device, resolve_dtype
-    from .hub import find_vae
-    from .sample_job import SampleJob, finish_outputs, run_sample_job
+    from .sample_job import SampleRequest, sample_to_folder
     from .sampling import SamplingOptions
 
     with handled():
-        job = SampleJob(
-            classes=parse_int_list(classes, "--classes"),
-            num_per_class=num_per_class,
-            seed=seed,
-            batch_size=batch_size,
-            opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth),
-            upstream_seeding=upstream_seeding,
-        )
-        dev = pick_device(device)
-        dt = resolve_dtype(dtype, dev)
-        model, info = load_var(resolve_source(checkpoint), num_heads=num_heads)
-        job.validate(model.num_classes)
-        vae_model, _ = load_vae(find_vae(info.metadata, vae), model.cfg.patch_nums)
-        check_pair(model.cfg, vae_model)
-        model.to(dev)
-        vae_model.to(dev)
-        policy = None if dense else getattr(model, "policy", None)
-        with progress_bar() as bar:
-            task = bar.add_task("sampling", total=job.total, info="")
-
-            def on_progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            result = run_sample_job(model, vae_model, job, out_dir, dev, dt, policy, progress=on_progress)
-        grid_path, npz_path = finish_outputs(job, out_dir, npz)
-    summary = {
-        "out_dir": str(result.out_dir),
-        "model": info.name,
-        "kind": info.kind,
-        "images": job.total,
-        "generated": result.generated,
-        "skipped": result.skipped,
-        "seconds": round(result.seconds, 3),
-        "images_per_s": round(result.images_per_s, 3),
-        "device": str(dev),
-        "dtype": dt,
-        "grid": str(grid_path) if grid_path else None,
-        "npz": str(npz_path) if npz_path else None,
-    }
+        opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+        classes_list = parse_int_list(classes, "--classes") if classes else None
+        request = args_to(SampleRequest, ctx.params, model=resolve(checkpoint), classes=classes_list, opts=opts)
+        with render.progress_bars() as progress:
+            summary = sample_to_folder(request, progress)
     if as_json:
-        emit_json(summary)
-        return
-    out.print(
-        f"[green]✓[/] {job.total} images in {result.out_dir} ({result.generated} new, {result.skipped} kept); "
-        f"{result.images_per_s:.2f} images/s on {dev} ({dt})",
-        highlight=False,
-    )
-    if npz_path:
-        out.print(f"  npz: {npz_path}", highlight=False)
+        return emit_json(summary)
+    render.sample_summary(summary)
 
 
 @app.command("random-weights")
 def random_weights(
-    arch: str = typer.Argument(..., help="d16, d20, d24, d30, d36, tiny, or vae (the ch160 VQVAE)."),
+    arch: str = typer.Argument(..., help="dN (d12, d16 … d36), tiny, or vae (the ch160 VQVAE)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write (.safetensors or .pth)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
+    as_json: Json = False,
 ) -> None:
     """Write a model of an official architecture with seeded random weights (no download).
 
     For benchmarks and dry runs: `actvar random-weights d16 -o d16-random.safetensors` ·
     `actvar random-weights vae -o vae-random.safetensors`
     """
-    from .checkpoint import atomic_write_with, save_safetensors
-    from .config import VAEConfig, arch_config
-    from .model import VAR
-    from .tiny import random_state_dict
-    from .vqvae import VQVAE
+    from .random_weights import write_random_weights
 
     with handled():
-        if arch.lower() == "vae":
-            sd = random_state_dict(VQVAE(VAEConfig()), seed)
-            meta = {"format": "actvar", "kind": "vqvae", "random_seed": seed}
-        else:
-            cfg = arch_config(arch)
-            sd = random_state_dict(VAR(cfg), seed)
-            meta = {"format": "actvar", "kind": "var", "var_config": cfg.to_dict(), "random_seed": seed}
-        if output.suffix == ".pth":
-            import torch
-
-            atomic_write_with(output, lambda tmp: torch.save(sd, tmp))
-        else:
-            save_safetensors(sd, output, meta)
+        summary = write_random_weights(arch, output, seed)
+    if as_json:
+        return emit_json(summary)
     out.print(f"[green]✓[/] {arch} with random weights (seed {seed}): {output}", highlight=False)
 
 
@@ -322,124 +209,61 @@ def random_weights(
 # ---------------------------------------------------------------------------
 
 
-def policy_recipe(recipe, scales, token_rate, token_rates, weight_rate):
-    """``recipe`` with the policy flags applied."""
-    from .recipes import with_policy_flags
-
-    return with_policy_flags(
-        recipe,
-        scales=parse_int_list(scales, "--scales") if scales else None,
-        token_rate=token_rate,
-        token_rates=parse_float_list(token_rates, "--token-rates") if token_rates else None,
-        weight_rate=weight_rate,
-    )
-
-
-def optional_vae(metadata: dict[str, str], vae: str | None) -> str | None:
-    """The VAE to calibrate with: --vae, the model's own (tiny's for tiny), or the cached official one."""
-    from .hub import find_vae
-
-    if vae:
-        return resolve_source(vae)
-    try:
-        return find_vae(metadata, None)
-    except ActvarError:
-        return None
-
-
 @app.command()
 def moefy(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help="The dense VAR: a file, an official name in the cache, or tiny."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the ActVAR model (.safetensors)."),
     experts: int | None = typer.Option(None, "--experts", help="Experts per FFN [recipe: 16]."),
     split: str | None = typer.Option(None, help="cluster | contiguous | coactivation [recipe: cluster]."),
-    scales: str | None = typer.Option(None, help="1-based sparse scales, e.g. 9,10 [recipe: last two]."),
-    token_rate: float | None = typer.Option(None, help="Fraction of tokens kept on every sparse scale [0.75]."),
-    token_rates: str | None = typer.Option(None, help="Per sparse scale, e.g. 0.5,0.75."),
-    weight_rate: float | None = typer.Option(None, help="Fraction of experts each kept token uses [0.75]."),
-    vae: str | None = typer.Option(None, help="VQVAE for calibration (default: tiny's, or the cached official one)."),
+    scales: Scales = None,
+    token_rate: TokenRate = None,
+    token_rates: TokenRates = None,
+    weight_rate: WeightRate = None,
+    vae: Vae = None,
     calib_images: int | None = typer.Option(None, help="Self-generated images to fit router/selector [8]; 0: weights."),
-    config: str | None = typer.Option(None, "--config", help="Recipe YAML (or d16, tiny); flags override its keys."),
+    config: Config = None,
     seed: int = typer.Option(0, help="Seed of calibration and clustering."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (for calibration)."),
+    method: str | None = typer.Option(None, help="Another method's model: fixed-tokens:0.75, static-experts:0.75."),
+    device: Device = "auto",
     num_heads: NumHeads = None,
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    as_json: Json = False,
 ) -> None:
     """Convert a dense VAR into an ActVAR model: FFN experts, routers and token selectors.
+
+    Without `--config` the recipe named for the model is used (`tiny`, `d16` …).
 
     Examples: `actvar moefy var_d16.pth --experts 16 -o actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
     `actvar moefy tiny -o tiny-actvar.safetensors --token-rates 0.5,0.75 --weight-rate 0.5`
     """
-    from .checkpoint import load_vae, load_var, save_model, sha256_file
-    from .conversion import MoefyOptions, check_options
-    from .conversion import moefy as convert
-    from .device import pick_device
-    from .recipes import load_recipe
+    from .methods import MoefyRequest, moefy_command
 
     with handled():
-        recipe = load_recipe(config).override(experts=experts, split=split, calib_images=calib_images)
-        recipe = policy_recipe(recipe, scales, token_rate, token_rates, weight_rate)
-        source = resolve_source(checkpoint)
-        dense, info = load_var(source, num_heads=num_heads)
-        opts = MoefyOptions(
-            num_experts=recipe.experts,
-            split=recipe.split,
-            policy=recipe.policy(),
-            calib_images=recipe.calib_images,
-            seed=seed,
-        )
-        check_options(dense.cfg, opts)
-        vae_source = optional_vae(info.metadata, vae)  # recorded in the output even when not calibrating
-        use_vae = vae_source and opts.calib_images > 0
-        vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if use_vae else None
-        dev = pick_device(device)
-        with progress_bar(transient=True) as bar:
-            on_progress = task_updater(bar)
-
-            model, report = convert(dense, vae_model, opts, device=dev, progress=on_progress)
-        meta = {
-            "base_checkpoint": info.name,
-            "base_checkpoint_path": str(Path(source).resolve()) if info.format != "builtin" else source,
-            "base_sha256": sha256_file(source) if info.format != "builtin" else "",
-            "experts": opts.num_experts,
-            "split": opts.split,
-            "router_init": report.router_init,
-            "vae": (str(Path(vae_source).resolve()) if vae_source != "tiny" else vae_source) if vae_source else "",
-            "calibration": {
-                "images": report.calib_images,
-                "tokens_per_block": report.calib_tokens,
-                "router_r2": _mean(report.router_r2),
-                "selector_r2": _mean(report.selector_r2),
-                "router_topk_agreement": _mean(report.router_topk_agreement),
-            },
-            "actvar_version": __version__,
-        }
-        save_model(model, output, meta)
-    summary = {"output": str(output), "policy": model.policy.to_dict(), **meta}
+        flags = policy_flags(scales, token_rate, token_rates, weight_rate)
+        with render.progress_bars(transient=True) as progress:
+            summary = moefy_command(
+                args_to(MoefyRequest, ctx.params, source=resolve(checkpoint), policy_flags=flags), progress
+            )
     if as_json:
-        emit_json(summary)
-        return
-    if report.router_init == "weight-statistics":
+        return emit_json(summary)
+    if summary["router_init"] == "weight-statistics":
         err.print(
             "[yellow]note:[/] no VAE for calibration: router and selector start from weight statistics "
             "(pass --vae to fit them on self-generated tokens)"
         )
-    out.print(kv_table(f"ActVAR model written to {output}", {k: v for k, v in summary.items() if k != "output"}))
-
-
-def _mean(xs: list[float]) -> float | None:
-    return round(sum(xs) / len(xs), 4) if xs else None
+    out.print(render.kv_table(f"ActVAR model written to {output}", {k: v for k, v in summary.items() if k != "output"}))
 
 
 @app.command()
 def flops(
     model: str | None = typer.Argument(None, help="A VAR or ActVAR checkpoint (or give --arch)."),
-    arch: str | None = typer.Option(None, help="d16 .. d36 or tiny, instead of a checkpoint."),
+    arch: str | None = typer.Option(None, help="dN (d12, d16 … d36) or tiny, instead of a checkpoint."),
     experts: int | None = typer.Option(None, "--experts", help="Experts per FFN [model's, or 16]."),
-    scales: str | None = typer.Option(None, help="1-based sparse scales [model's policy, or 9,10]."),
-    token_rate: float | None = typer.Option(None, help="Token rate on every sparse scale."),
-    token_rates: str | None = typer.Option(None, help="Token rate per sparse scale, e.g. 0.5,0.75."),
-    weight_rate: float | None = typer.Option(None, help="Fraction of experts each kept token uses."),
+    scales: Scales = None,
+    token_rate: TokenRate = None,
+    token_rates: TokenRates = None,
+    weight_rate: WeightRate = None,
+    method: str | None = typer.Option(None, help="Another method's policy, e.g. fastvar:0.5 (docs/methods.md)."),
     paper_table: bool = typer.Option(False, "--paper-table", help="Our savings beside the paper's, for its settings."),
     as_json: Json = False,
 ) -> None:
@@ -449,159 +273,54 @@ def flops(
     `actvar flops --arch d20 --token-rates 0.5,0.25 --weight-rate 0.5` · `actvar flops --paper-table`
     """
     from . import flops as F
-    from .checkpoint import read_checkpoint
-    from .config import arch_config
-    from .recipes import Recipe
 
     with handled():
         if paper_table:
             rows = F.paper_table()
-            if as_json:
-                emit_json(rows)
-                return
-            table = Table(title="FLOPs savings: ours vs the paper (one image, CFG)", title_justify="left")
-            for col in ("model", "scales", "token rates", "weight rate", "paper", "ours", "paper eq. 12"):
-                table.add_column(col, justify="right")
-            for r in rows:
-                table.add_row(
-                    r["arch"],
-                    ",".join(map(str, r["scales"])),
-                    ",".join(f"{x:g}" for x in r["token_rates"]),
-                    f"{r['weight_rate']:g}",
-                    f"{r['paper_savings']:.1%}",
-                    f"{r['our_savings']:.1%}",
-                    f"{r['paper_eq12_savings']:.1%}",
-                )
-            out.print(table)
-            out.print("Why they differ: docs/flops.md", style="dim")
-            return
-        if (model is None) == (arch is None):
-            raise ConfigError("give a model checkpoint or --arch, not both or neither")
-        base = Recipe()
-        if model is not None:
-            _, info = read_checkpoint(resolve_source(model))
-            if info.kind == "vqvae":
-                raise ConfigError(f"{model} is a VQVAE; FLOPs are counted for VAR models")
-            cfg = info.var_config
-            if info.policy is not None:
-                p = info.policy
-                base = base.override(
-                    scales=list(p.scales), token_rates=list(p.token_rates), weight_rate=p.weight_rates[0]
-                )
-        else:
-            cfg = arch_config(arch)
-        recipe = policy_recipe(base, scales, token_rate, token_rates, weight_rate)
-        n_exp = experts or cfg.num_experts or 16
-        report = F.count_flops(cfg.replace(num_experts=0), recipe.policy(), n_exp)
-    data = report.to_dict()
+            return emit_json(rows) if as_json else render.paper_table(rows)
+        flags = policy_flags(scales, token_rate, token_rates, weight_rate)
+        data = F.flops_of(resolve(model) if model else None, arch, experts, **flags, method=method).to_dict()
     if as_json:
-        emit_json(data)
-        return
-    table = Table(title=f"FLOPs per image (CFG), depth {cfg.depth}, width {cfg.embed_dim}", title_justify="left")
-    for col in ("scale", "tokens", "kept", "experts", "dense GFLOPs", "ActVAR GFLOPs", "saved"):
-        table.add_column(col, justify="right")
-    for s in data["per_scale"]:
-        saved = 1 - s["sparse_flops"] / s["dense_flops"]
-        table.add_row(
-            str(s["scale"]),
-            str(s["tokens"]),
-            str(s["kept_tokens"]),
-            f"{s['kept_experts']}/{n_exp}",
-            f"{s['dense_flops'] / 1e9:.2f}",
-            f"{s['sparse_flops'] / 1e9:.2f}",
-            f"{saved:.1%}" if saved else "",
-        )
-    table.add_row(
-        "all",
-        "",
-        "",
-        "",
-        f"{report.dense_flops / 1e9:.2f}",
-        f"{report.sparse_flops / 1e9:.2f}",
-        f"{report.savings:.1%}",
-        style="bold",
-    )
-    out.print(table)
-    comp = Table(title="by component (GFLOPs)", title_justify="left")
-    for col in ("component", "dense", "ActVAR"):
-        comp.add_column(col, justify="right")
-    for c in F.COMPONENTS:
-        comp.add_row(c, f"{data['components']['dense'][c] / 1e9:.2f}", f"{data['components']['sparse'][c] / 1e9:.2f}")
-    out.print(comp)
-    out.print(f"savings {report.savings:.1%}; ideal speedup {data['ideal_speedup']:.3f}x", highlight=False)
+        return emit_json(data)
+    render.flops_report(data)
 
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     dense: str | None = typer.Argument(None, help="The dense VAR (or give --arch)."),
     sparse: str | None = typer.Argument(None, help="The ActVAR model converted from it."),
-    arch: str | None = typer.Option(None, help="Benchmark random-weight models of this architecture (d16, tiny...)."),
+    arch: str | None = typer.Option(None, help="Random-weight models of these architectures, e.g. d12,d16,tiny."),
     vae: str | None = typer.Option(None, help="VQVAE for the decode timing (default: random weights of its shape)."),
-    batch_size: int = typer.Option(8, help="Images per generation (rows double for CFG)."),
+    batch_size: str = typer.Option("8", help="Images per generation, or several: 1,4,8 (a sweep)."),
+    sweep: bool = typer.Option(False, "--sweep", help="tiny, d12, d16 and d20 at batch 1, 4 and 8."),
+    breakdown: bool = typer.Option(False, "--breakdown", help="Time per component beside its FLOPs share."),
     repeats: int = typer.Option(5, help="Timed runs per model (median reported)."),
     warmup: int = typer.Option(1, help="Untimed runs per model first."),
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: int = typer.Option(0, help="Seed of the per-image generators."),
+    compile: Compile = False,
     as_json: Json = False,
 ) -> None:
     """Measured speed of dense vs ActVAR generation, beside the FLOPs' ideal speedup.
 
     Examples: `actvar bench var_d16.pth actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
-    `actvar bench --arch d16 --batch-size 8 --json` (random weights: timing does not depend on them)
+    `actvar bench --arch d16 --batch-size 8 --json` (random weights: timing does not depend on them) ·
+    `actvar bench --sweep --breakdown --repeats 3`
     """
-    from . import bench as B
-    from .device import pick_device, resolve_dtype
+    from .bench import SWEEP_ARCHS, SWEEP_BATCHES, BenchRequest, bench_command
 
     with handled():
-        dev = pick_device(device)
-        dt = resolve_dtype(dtype, dev)
-        dense_model, sparse_model, vae_model, note = B.load_pair(dense, sparse, arch, vae)
-        for m in (dense_model, sparse_model, vae_model):
-            m.to(dev)
-        with progress_bar() as bar:
-            task = bar.add_task("benchmark", total=2 * (warmup + repeats), info="")
-            result = B.bench(
-                dense_model,
-                sparse_model,
-                vae_model,
-                dev,
-                dt,
-                batch_size,
-                repeats,
-                warmup,
-                seed=seed,
-                progress=lambda d, t: bar.update(task, completed=d, total=t),
-            )
-        result["note"] = note
+        archs = list(SWEEP_ARCHS) if sweep else (arch.split(",") if arch else None)
+        batches = list(SWEEP_BATCHES) if sweep else parse_int_list(batch_size, "--batch-size")
+        paths = {k: resolve(v) if v else None for k, v in (("dense", dense), ("sparse", sparse), ("vae", vae))}
+        request = args_to(BenchRequest, ctx.params, **paths, archs=archs, batch_sizes=batches)
+        with render.progress_bars() as progress:
+            result = bench_command(request, progress)
     if as_json:
-        emit_json(result)
-        return
-    table = Table(
-        title=f"dense vs ActVAR on {dev} ({dt}), batch {batch_size}, median of {repeats}", title_justify="left"
-    )
-    for col in ("", "generation s", "decode s", "images/s", "images/s end-to-end", "peak MB"):
-        table.add_column(col, justify="right")
-    for name in ("dense", "sparse"):
-        r = result[name]
-        table.add_row(
-            name,
-            f"{r['generation_s']:.3f}",
-            f"{r['decode_s']:.3f}",
-            f"{r['images_per_s']:.3f}",
-            f"{r['images_per_s_end_to_end']:.3f}",
-            f"{r['peak_memory_mb']:.0f}",
-        )
-    out.print(table)
-    eff = result["efficiency"]
-    out.print(
-        f"speedup {result['speedup']:.3f}x (transformer), {result['speedup_end_to_end']:.3f}x end-to-end; "
-        f"ideal {result['ideal_speedup']:.3f}x from FLOPs (savings {result['savings']:.1%})"
-        + (f"; {eff:.0%} of the ideal gain" if eff is not None else ""),
-        highlight=False,
-    )
-    if note:
-        out.print(note, style="dim")
+        return emit_json(result)
+    render.bench_result(result)
 
 
 # ---------------------------------------------------------------------------
@@ -609,44 +328,36 @@ def bench(
 # ---------------------------------------------------------------------------
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs, values read as YAML (numbers, lists, strings)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} is not KEY=VALUE", "e.g. --set teacher_top_k=600")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+DISTILL_LOSS = {
+    1: "Loss (supp. eq. 19): L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t).",
+    2: "Loss (supp. eq. 22): L_cls + KL(student || teacher) + mean over blocks of the hidden-state MSE.",
+}
+DISTILL_DOCS = {
+    n: f"Distillation stage {n}: train the {'routers and selectors' if n == 1 else 'experts, attention and head'}, "
+    f"everything else frozen.\n\n{DISTILL_LOSS[n]}\n\nExamples: `actvar distill-stage{n} actvar-d16.safetensors --data "
+    f"/data/imagenet --cache-tokens tokens/ --config d16 --out-dir runs/s{n}` · `accelerate launch --multi_gpu "
+    f"--num_processes 8 -m actvar_cli distill-stage{n} ...` · `actvar distill-stage{n} tiny-actvar.safetensors "
+    f"--max-steps 20 --out-dir runs/tiny{n}`"
+    for n in (1, 2)
+}
 
 
 def _distill_command(stage: int):
-    what = "routers and selectors" if stage == 1 else "experts, attention and head"
     epochs_default = "2" if stage == 1 else "10"
 
     def command(
         model: str = typer.Argument(
             ..., help="The ActVAR model (from moefy" + (")." if stage == 1 else " or stage 1).")
         ),
-        out_dir: Path = typer.Option(
-            ..., "--out-dir", help="Output folder: model.safetensors, metrics.jsonl, checkpoints."
-        ),
+        out_dir: Path = typer.Option(..., "--out-dir", help="model.safetensors, metrics.jsonl, checkpoints."),
         teacher: str | None = typer.Option(None, help="The dense VAR [the base checkpoint named in the model]."),
-        vae: str | None = typer.Option(None, help="The VQVAE [the one used by moefy, or the cached official one]."),
-        data: str | None = typer.Option(None, help="teacher (data-free), an ImageFolder, or a token cache [teacher]."),
-        cache_tokens: Path | None = typer.Option(
-            None, help="Encode an ImageFolder once into this folder and reuse it."
-        ),
-        config: str | None = typer.Option(
-            None, "--config", help="Recipe YAML (or d16, tiny); flags override its keys."
-        ),
+        vae: Vae = None,
+        data: str | None = typer.Option(None, help="teacher (data-free), shapes, an ImageFolder, or a token cache."),
+        cache_tokens: Path | None = typer.Option(None, help="Encode an ImageFolder once, into this folder."),
+        config: Config = None,
         epochs: float | None = typer.Option(None, help=f"Epochs of this stage [recipe: {epochs_default}]."),
         max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps (short runs)."),
-        batch_size: int = typer.Option(
-            8, help="Images per process and micro-step; accumulation reaches the global batch."
-        ),
+        batch_size: int = typer.Option(8, help="Images per process and micro-step (accumulation does the rest)."),
         global_batch: int | None = typer.Option(None, help="Images per optimizer step [recipe: 512]."),
         lr: float | None = typer.Option(None, help="Peak learning rate of this stage [recipe: 2e-4]."),
         weight_decay: float | None = typer.Option(None, help="AdamW weight decay [recipe: 0.05]."),
@@ -656,68 +367,49 @@ def _distill_command(stage: int):
         seed: int | None = typer.Option(None, help="Seed of data order, dropout and teacher sampling [recipe: 0]."),
         precision: str | None = typer.Option(None, help="auto, fp32 or bf16 [recipe: auto]."),
         set_: list[str] = typer.Option([], "--set", help="Any other recipe key: --set KEY=VALUE (repeatable)."),
-        resume: bool = typer.Option(
-            False, "--resume", help="Continue from the newest complete checkpoint in --out-dir."
-        ),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out-dir."),
+        overwrite: Overwrite = False,
         device: str = typer.Option("auto", help="auto or cpu."),
-        as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+        as_json: Json = False,
     ) -> None:
-        from .distill import DistillJob, run_distillation
-        from .recipes import load_recipe
+        from .distill import distill_command
 
         with handled():
-            recipe = load_recipe(config).override(**parse_set(set_))
-            recipe = recipe.override(**{f"stage{stage}_lr": lr})  # --lr is this stage's rate
-            recipe = recipe.override(
-                global_batch=global_batch, weight_decay=weight_decay, alpha=alpha, beta=beta,
-                checkpoint_every=checkpoint_every, seed=seed, precision=precision,
-            )  # fmt: skip
-            job = DistillJob(
-                stage=stage, model=model, out_dir=out_dir, recipe=recipe, vae=vae, teacher=teacher, data=data,
-                cache_tokens=cache_tokens, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
-                resume=resume, device=device,
-            )  # fmt: skip
-            with progress_bar() as bar:
-                tasks: dict[str, Any] = {}
-
-                def on_step(ev: dict[str, Any]) -> None:
-                    if ev["event"] == "encode":
-                        if "encode" not in tasks:
-                            tasks["encode"] = bar.add_task("encoding", total=ev["total"], info="")
-                        bar.update(tasks["encode"], completed=ev["done"])
-                    elif ev["event"] == "start":
-                        tasks["train"] = bar.add_task(
-                            f"stage {stage}", total=ev["total_steps"], completed=ev["step"], info=""
-                        )
-                    else:
-                        keys = ("loss", "cls", "dis_w", "dis_t", "bl_w", "bl_t", "kl", "hidden_mse")
-                        terms = " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev)
-                        info = f"{terms} | {ev['samples_per_s']:.1f} samples/s"
-                        bar.update(tasks["train"], completed=ev["step"], info=info)
-
-                summary = run_distillation(job, on_step)
+            overrides = {
+                **parse_set(set_),
+                f"stage{stage}_lr": lr,
+                "global_batch": global_batch,
+                "weight_decay": weight_decay,
+                "alpha": alpha,
+                "beta": beta,
+                "checkpoint_every": checkpoint_every,
+                "seed": seed,
+                "precision": precision,
+            }
+            with render.progress_bars() as progress:
+                summary = distill_command(
+                    stage,
+                    model,
+                    out_dir,
+                    config,
+                    overrides,
+                    vae,
+                    teacher,
+                    data,
+                    cache_tokens,
+                    batch_size,
+                    epochs,
+                    max_steps,
+                    resume,
+                    overwrite,
+                    device,
+                    progress,
+                )
         if as_json:
-            emit_json(summary)
-            return
-        if summary is None:
-            return
-        rows = {k: summary[k] for k in ("steps", "epochs", "global_batch", "num_processes", "grad_accum", "data")}
-        rows.update(summary["final_losses"])
-        rows["samples/s"] = round(summary["samples_per_s"], 2)
-        out.print(kv_table(f"stage {stage} done: {out_dir / 'model.safetensors'}", rows))
+            return emit_json(summary)
+        render.distill_summary(summary, f"stage {stage} done: {out_dir / 'model.safetensors'}")
 
-    command.__doc__ = (
-        f"Distillation stage {stage}: train the {what}, everything else frozen.\n\n"
-        + (
-            "Loss (supp. eq. 19): L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t).\n\n"
-            if stage == 1
-            else "Loss (supp. eq. 22): L_cls + KL(student || teacher) + mean over blocks of the hidden-state MSE.\n\n"
-        )
-        + f"Examples: `actvar distill-stage{stage} actvar-d16.safetensors --vae vae_ch160v4096z32.pth "
-        f"--data /data/imagenet --cache-tokens tokens/ --config recipes/actvar-d16.yaml --out-dir runs/s{stage}` · "
-        f"`accelerate launch --multi_gpu --num_processes 8 -m actvar_cli distill-stage{stage} ...` · "
-        f"`actvar distill-stage{stage} tiny-actvar.safetensors --config tiny --max-steps 20 --out-dir runs/tiny{stage}`"
-    )
+    command.__doc__ = DISTILL_DOCS[stage]
     return command
 
 
@@ -726,99 +418,60 @@ app.command("distill-stage2")(_distill_command(2))
 
 
 # ---------------------------------------------------------------------------
-# eval / push / demo
+# eval / push / demo / train-reference
 # ---------------------------------------------------------------------------
 
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="The model to evaluate (ActVAR or dense VAR)."),
-    vae: str | None = typer.Option(None, help="The VQVAE [tiny's for tiny, else the cached official one]."),
-    fid: bool = typer.Option(False, "--fid", help="Frechet Inception Distance against --ref."),
-    isc: bool = typer.Option(False, "--is", help="Inception Score."),
+    vae: Vae = None,
+    fid: bool = typer.Option(False, "--fid", help="Frechet distance against --ref."),
+    isc: bool = typer.Option(False, "--is", help="Inception Score (class score with --ref shapes)."),
     prc: bool = typer.Option(False, "--prc", help="Precision and recall against --ref."),
-    ref: str | None = typer.Option(
-        None,
-        help="Reference images: a folder, or an ADM batch such as "
-        "VIRTUAL_imagenet256_labeled.npz (statistics cached beside it).",
-    ),
+    ref: str | None = typer.Option(None, help="shapes (the reference model's set), a folder, or an ADM batch .npz."),
     teacher: str | None = typer.Option(None, help="Compare with this dense model ('auto': the model's base)."),
-    num: int = typer.Option(32, help="Teacher-sampled pyramids for the teacher comparison."),
+    num: int | None = typer.Option(None, help="Images to sample [50 per class], and teacher pyramids [32]."),
     psnr_images: int | None = typer.Option(None, help="Image pairs for the PSNR, at most --num [= --num]."),
-    classes: str = typer.Option("0-999", help="Classes to sample for FID."),
-    num_per_class: int = typer.Option(50, help="Images per class for FID (upstream: 50 x 1000)."),
+    classes: str | None = typer.Option(None, help="Classes to sample, evenly [all of the model's]."),
     cfg: Cfg = 1.5,
     top_k: TopK = 900,
     top_p: TopP = 0.96,
     seed: Seed = 0,
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     out_dir: Path | None = typer.Option(None, "--out", help="Where samples and eval.json go [eval-<model>/]."),
-    inception_weights: str | None = typer.Option(
-        None, help="torch-fidelity Inception weights file (or ACTVAR_INCEPTION_WEIGHTS); auto: let it download."
-    ),
+    inception_weights: str | None = typer.Option(None, help="Inception weights file (auto: download it)."),
     dense: bool = typer.Option(False, "--dense", help="Every token and expert active."),
+    overwrite: Overwrite = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    compile: Compile = False,
     as_json: Json = False,
 ) -> None:
-    """Score a model: FID / IS / precision-recall, and agreement with the dense teacher.
+    """Score a model: FID / IS / precision-recall (and class accuracy on shapes), and agreement with the dense teacher.
 
-    Examples: `actvar eval actvar-d16.safetensors --vae vae --fid --is --prc --ref VIRTUAL_imagenet256_labeled.npz
+    Examples: `actvar eval tiny --fid --is --prc --ref shapes --num 200 --json` ·
+    `actvar eval actvar-d16.safetensors --vae vae --fid --is --prc --ref VIRTUAL_imagenet256_labeled.npz
     --inception-weights weights-inception-2015-12-05-6726825d.pth` ·
     `actvar eval runs/s2/model.safetensors --teacher auto --num 64 --json` ·
     `accelerate launch --multi_gpu --num_processes 8 -m actvar_cli eval ... --fid --ref ...` (sharded sampling)
     """
-    from .evaluate import EvalJob, run_eval
+    from .evaluate import EvalJob, default_out_dir, run_eval
     from .sampling import SamplingOptions
 
     with handled():
-        src = resolve_source(model)
-        job = EvalJob(
-            model=src, vae=vae,
-            out_dir=out_dir or Path(f"eval-{Path(src).stem}"), fid=fid, isc=isc, prc=prc, ref=ref,
-            teacher=teacher, num=num, psnr_images=psnr_images, classes=parse_int_list(classes, "--classes"),
-            num_per_class=num_per_class, opts=SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p), seed=seed,
-            batch_size=batch_size, device=device, dtype=dtype, inception_weights=inception_weights, dense=dense,
-        )  # fmt: skip
-        with progress_bar() as bar:
-            on_progress = task_updater(bar)
-
-            results = run_eval(job, on_progress)
+        opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p)
+        classes_list = parse_int_list(classes, "--classes") if classes else None
+        out = out_dir or default_out_dir(model)
+        job = args_to(EvalJob, ctx.params, model=resolve(model), out_dir=out, classes=classes_list, opts=opts)
+        with render.progress_bars() as progress:
+            results = run_eval(job, progress)
     if results is None:  # not the main process
         return
     if as_json:
-        emit_json(results)
-        return
-    table = Table(title=f"evaluation of {results['model']}", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("FLOPs saved", f"{results['flops']['savings']:.1%}")
-    for key, label in (
-        ("fid", "FID"),
-        ("inception_score", "Inception Score"),
-        ("precision", "precision"),
-        ("recall", "recall"),
-        ("token_agreement", "token agreement (sparse scales)"),
-        ("logit_kl", "KL(teacher || model) (sparse scales)"),
-        ("psnr_db", "PSNR vs teacher (dB)"),
-    ):
-        if key in results:
-            table.add_row(label, f"{results[key]:.4f}")
-    out.print(table)
-    if "per_scale" in results:
-        ps = Table(title="per scale (teacher forcing)", title_justify="left")
-        for col in ("scale", "tokens", "sparse", "token agreement", "KL"):
-            ps.add_column(col, justify="right")
-        for r in results["per_scale"]:
-            ps.add_row(
-                str(r["scale"]),
-                str(r["tokens"]),
-                "yes" if r["sparse"] else "",
-                f"{r['token_agreement']:.4f}",
-                f"{r['logit_kl']:.4f}",
-            )
-        out.print(ps)
-    out.print(f"results: {results['eval_json']}", highlight=False)
+        return emit_json(results)
+    render.eval_results(results)
 
 
 @app.command()
@@ -829,83 +482,108 @@ def push(
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Write the folder here instead of uploading."),
     eval_json: Path | None = typer.Option(None, "--eval", help="eval.json to show in the card [found next to MODEL]."),
     token: str | None = typer.Option(None, help="Hub token [HF_TOKEN or the saved login]."),
+    as_json: Json = False,
 ) -> None:
     """Publish a model to the Hub: model.safetensors, config.json and a model card.
 
     Examples: `actvar push runs/s2/model.safetensors --repo me/actvar-d16` ·
     `actvar push runs/s2/model.safetensors --repo me/actvar-d16 --dry-run card/`
     """
-    from . import hub
+    from .hub import push_command
 
     with handled():
-        hub.parse_target(repo)
-        evals = None
-        candidates = [eval_json] if eval_json else [model.parent / "eval.json"]
-        for c in candidates:
-            if c and c.exists():
-                evals = json.loads(c.read_text())
-        if dry_run:
-            folder = hub.write_push_folder(model, repo, dry_run, evals)
-            out.print(f"[green]✓[/] wrote {', '.join(sorted(p.name for p in folder.iterdir()))} to {folder}")
-            return
-        url = hub.push(model, repo, private=private, evals=evals, token=token)
-    out.print(f"[green]✓[/] pushed to {repo}: {url}", highlight=False)
+        result = push_command(model, repo, private, dry_run, eval_json, token)
+    if as_json:
+        return emit_json(result)
+    where = (
+        f"wrote {', '.join(result['files'])} to {result['folder']}" if dry_run else f"pushed to {repo}: {result['url']}"
+    )
+    out.print(f"[green]✓[/] {where}", highlight=False)
 
 
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("actvar-demo"), "--out", help="Where everything goes."),
-    stage1_steps: int = typer.Option(30, help="Optimizer steps of stage 1."),
-    stage2_steps: int = typer.Option(40, help="Optimizer steps of stage 2."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    stage1_steps: int = typer.Option(40, help="Optimizer steps of stage 1."),
+    stage2_steps: int = typer.Option(60, help="Optimizer steps of stage 2."),
+    as_json: Json = False,
 ) -> None:
-    """The whole job on the built-in tiny model, in a few minutes on a CPU.
+    """The whole job on the built-in reference model, in a few minutes on a CPU.
 
-    moefy -> stage 1 -> stage 2 -> samples -> eval against the teacher -> FLOPs and speed,
-    ending with one summary table. Example: `actvar demo --out demo/`
+    moefy -> stage 1 -> stage 2 -> dense / converted / distilled measured side by side (class
+    accuracy, FID, agreement with the dense model) -> compare.png -> FLOPs and speed.
+    Example: `actvar demo --out demo/`
     """
-    from .demo import run_demo
+    from .demo import DemoSettings, run_demo
 
     with handled():
-        with progress_bar() as bar:
-            on_progress = task_updater(bar)
-
-            summary = run_demo(
-                out_dir, stage1_steps, stage2_steps, step=lambda m: bar.console.print(f"[bold]{m}"),
-                progress=on_progress,
-            )  # fmt: skip
+        if stage1_steps < 1 or stage2_steps < 1:
+            raise ConfigError("--stage1-steps and --stage2-steps must be at least 1")
+        settings = DemoSettings(stage1_steps=stage1_steps, stage2_steps=stage2_steps)
+        with render.progress_bars() as progress:
+            summary = run_demo(out_dir, settings, step=lambda m: err.print(f"[bold]{m}"), progress=progress)
     if as_json:
-        emit_json(summary)
-        return
-    table = Table(title="actvar demo (tiny model)", title_justify="left")
-    table.add_column("")
-    table.add_column("before distillation", justify="right")
-    table.add_column("after", justify="right")
-    table.add_row("FLOPs saved", f"{summary['flops_savings']:.1%}", "")
-    table.add_row(
-        "measured speedup (transformer)",
-        "",
-        f"{summary['measured_speedup']:.2f}x (ideal {summary['ideal_speedup']:.2f}x)",
-    )
-    table.add_row(
-        "router agreement with pseudo-labels",
-        f"{summary['router_agreement_before']:.3f}",
-        f"{summary['router_agreement_after_stage1']:.3f} (stage 1)",
-    )
-    table.add_row(
-        "selector agreement with pseudo-labels",
-        f"{summary['selector_agreement_before']:.3f}",
-        f"{summary['selector_agreement_after_stage1']:.3f} (stage 1)",
-    )
-    table.add_row(
-        "token agreement with teacher",
-        f"{summary['token_agreement_before']:.3f}",
-        f"{summary['token_agreement_after']:.3f}",
-    )
-    table.add_row("KL(teacher || ActVAR)", f"{summary['logit_kl_before']:.4f}", f"{summary['logit_kl_after']:.4f}")
-    table.add_row("PSNR vs teacher images (dB)", f"{summary['psnr_db_before']:.2f}", f"{summary['psnr_db_after']:.2f}")
-    out.print(table)
-    out.print(f"model: {summary['model']}\ngrid: {summary['grid']}\n{summary['note']}", highlight=False)
+        return emit_json(summary)
+    render.demo_summary(summary)
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    base: str = typer.Argument(
+        ..., help="The dense VAR the methods are made from (a file, an official name, or tiny)."
+    ),
+    methods: str = typer.Option(
+        "fastvar,dmoe,skip-last,static-experts,fixed-tokens",
+        help="Comma-separated methods, e.g. fastvar:0.5,actvar:PATH.",
+    ),
+    vae: Vae = None,
+    ref: str | None = typer.Option(None, help="Quality against it: shapes, a folder, or an ADM .npz."),
+    num: int = typer.Option(64, help="Samples per method for FID, IS and class accuracy."),
+    batch_size: int = typer.Option(8, help="Images per timed generation."),
+    repeats: int = typer.Option(3, help="Timed runs per method (median; interleaved)."),
+    seed: Seed = 0,
+    plot: Path | None = typer.Option(None, help="Write a PNG: quality against time and FLOPs, Pareto front marked."),
+    inception_weights: str | None = typer.Option(None, help="Inception weights file (ImageNet references)."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: Json = False,
+) -> None:
+    """Every way to make a VAR cheaper on one yardstick: FLOPs, measured speed, agreement, quality.
+
+    Methods: dense, actvar[:PATH], actvar-tokens, actvar-experts, static-experts[:rate], fixed-tokens[:rate],
+    fastvar[:ratio], dmoe[:tau], skip-last[:N], cfg-off[:N], ear[:rate] (docs/methods.md).
+
+    Example: `actvar compare tiny --methods fastvar,dmoe,skip-last,static-experts,fixed-tokens --ref shapes
+    --num 64 --json --plot p.png`
+    """
+    from .compare import CompareJob, run_compare
+
+    with handled():
+        specs = [m for m in methods.split(",") if m.strip()]
+        job = args_to(CompareJob, ctx.params, base=resolve(base), methods=specs)
+        with render.progress_bars() as progress:
+            result = run_compare(job, progress)
+    if as_json:
+        return emit_json(result)
+    render.compare_table(result)
+
+
+@app.command("train-reference", hidden=True)
+def train_reference(
+    out_dir: Path = typer.Option(Path("runs/reference"), "--out", help="Checkpoints, weights and record.json."),
+    install: bool = typer.Option(False, "--install", help="Copy the weights and record into the package."),
+) -> None:
+    """Train the built-in reference model from scratch (about 90 minutes on 2 CPU cores); resumable."""
+    from .reference import install_weights
+    from .reference import train_reference as train
+
+    with handled():
+        with render.progress_bars() as progress:
+            record = train(out_dir, progress=progress)
+        if install:
+            install_weights(out_dir)
+    out.print(render.kv_table("reference model", record["quality"]))
 
 
 def main() -> None:

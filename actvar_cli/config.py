@@ -7,10 +7,11 @@ names and tensor shapes, the way upstream's ``build_vae_var`` would have built t
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .errors import ConfigError
 
@@ -22,7 +23,20 @@ PATCH_LAYOUTS: dict[int, tuple[int, ...]] = {
     sum(p * p for p in PATCH_NUMS_256): PATCH_NUMS_256,
     sum(p * p for p in PATCH_NUMS_512): PATCH_NUMS_512,
 }
-VAE_PATCH_SIZE = 16  # the VQVAE downsamples by 2**4: image side = patch_nums[-1] * 16
+VAE_PATCH_SIZE = 16  # the official VQVAE downsamples by 2**4: image side = patch_nums[-1] * 16
+REFERENCE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)  # the built-in reference model: L = 155, 32x32 images
+
+
+def check_expert_count(ffn_dim: int, num_experts: int) -> None:
+    """N equal experts need N >= 2 dividing the FFN width."""
+    if num_experts < 2:
+        raise ConfigError(f"--experts {num_experts}: need at least 2 experts")
+    if ffn_dim % num_experts:
+        divisors = [n for n in (2, 4, 8, 16, 32, 64) if ffn_dim % n == 0]
+        raise ConfigError(
+            f"{num_experts} experts do not divide the FFN width {ffn_dim}",
+            f"use a divisor such as {', '.join(map(str, divisors))}",
+        )
 
 
 @dataclass(frozen=True)
@@ -36,10 +50,22 @@ class VAEConfig:
     num_res_blocks: int = 2
     share_quant_resi: int = 4  # number of phi convs shared across the scales
     quant_resi: float = 0.5  # phi(h) = (1 - r) * h + r * conv(h)
+    norm_groups: int = 32  # GroupNorm groups (upstream: 32); not visible in a state dict, kept in metadata
     patch_nums: tuple[int, ...] = PATCH_NUMS_256
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token of the last scale: the encoder halves the size at all but its last level."""
+        return 2 ** (len(self.ch_mult) - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VAEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class VARConfig:
     attn_l2_norm: bool = True
     norm_eps: float = 1e-6
     num_experts: int = 0
+    vae_stride: int = VAE_PATCH_SIZE  # pixels per last-scale token of the VQVAE it was trained with
 
     def __post_init__(self) -> None:
         if self.ffn_dim == 0:
@@ -67,11 +94,8 @@ class VARConfig:
                 f"width {self.embed_dim} is not divisible by {self.num_heads} heads",
                 "pass --num-heads with a divisor of the width",
             )
-        if self.num_experts and self.ffn_dim % self.num_experts:
-            raise ConfigError(
-                f"{self.num_experts} experts do not divide the FFN width {self.ffn_dim}",
-                f"choose an expert count that divides {self.ffn_dim}, e.g. 16",
-            )
+        if self.num_experts:
+            check_expert_count(self.ffn_dim, self.num_experts)
 
     @property
     def seq_len(self) -> int:
@@ -83,11 +107,7 @@ class VARConfig:
 
     @property
     def image_size(self) -> int:
-        return self.patch_nums[-1] * VAE_PATCH_SIZE
-
-    @property
-    def expert_dim(self) -> int:
-        return self.ffn_dim // self.num_experts if self.num_experts else self.ffn_dim
+        return self.patch_nums[-1] * self.vae_stride
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -104,6 +124,31 @@ class VARConfig:
 
     def replace(self, **changes: Any) -> VARConfig:
         return dataclasses.replace(self, **changes)
+
+
+REFERENCE_VAE_CONFIG = VAEConfig(
+    ch=32,
+    vocab_size=1024,
+    z_channels=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    norm_groups=8,
+    patch_nums=REFERENCE_PATCH_NUMS,
+)
+REFERENCE_VAR_CONFIG = VARConfig(
+    depth=6,
+    embed_dim=256,
+    num_heads=4,
+    num_classes=10,
+    vocab_size=1024,
+    vae_dim=32,
+    patch_nums=REFERENCE_PATCH_NUMS,
+    vae_stride=4,
+)
+
+
+BUILTIN_VAR_CONFIG = REFERENCE_VAR_CONFIG  # `tiny` is the reference model (actvar_cli/builtin.py)
+BUILTIN_VAE_CONFIG = REFERENCE_VAE_CONFIG
 
 
 def official_var_config(depth: int) -> VARConfig:
@@ -123,20 +168,20 @@ def official_var_config(depth: int) -> VARConfig:
 
 
 OFFICIAL_DEPTHS = (16, 20, 24, 30, 36)
+BUILTIN_NAME = "tiny"  # the built-in reference model, usable wherever a checkpoint is expected
 
 
 def arch_config(name: str) -> VARConfig:
-    """``d16`` ... ``d36`` (official shapes) or ``tiny`` (the built-in toy model)."""
-    from .tiny import TINY_VAR_CONFIG  # local import: tiny builds on this module
-
+    """``d16`` ... ``d36`` (the Hub's shapes), any other ``dN`` as upstream's ``build_vae_var``
+    would build it (width 64N, N heads, 256px), or ``tiny`` (the built-in reference model)."""
     key = name.lower().removeprefix("var_")
-    if key == "tiny":
-        return TINY_VAR_CONFIG
-    if key.startswith("d") and key[1:].isdigit() and int(key[1:]) in OFFICIAL_DEPTHS:
+    if key == BUILTIN_NAME:
+        return BUILTIN_VAR_CONFIG
+    if key.startswith("d") and key[1:].isdigit() and 1 <= int(key[1:]) <= 48:
         return official_var_config(int(key[1:]))
     raise ConfigError(
         f"unknown architecture {name!r}",
-        "use one of " + ", ".join(f"d{d}" for d in OFFICIAL_DEPTHS) + " or tiny",
+        "use dN (official: " + ", ".join(f"d{d}" for d in OFFICIAL_DEPTHS) + ") or tiny",
     )
 
 
@@ -160,6 +205,25 @@ def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
+def infer_patch_nums(sd: Mapping[str, Any], seq_len: int) -> tuple[int, ...]:
+    """The patch layout: from the ``lvl_1L`` buffer (each scale's token count) when the state
+    dict holds it, else the known layout with ``seq_len`` tokens and as many scales."""
+    levels = _shape(sd, "lvl_embed.weight")[0]
+    lvl = sd.get("lvl_1L")
+    if isinstance(lvl, torch.Tensor) and not lvl.is_meta and lvl.numel() == seq_len:
+        counts = torch.bincount(lvl.reshape(-1).long(), minlength=levels).tolist()
+        sides = [round(c**0.5) for c in counts]
+        if all(s * s == c and s > 0 for s, c in zip(sides, counts)):
+            return tuple(sides)
+    known = PATCH_LAYOUTS.get(seq_len)
+    if known is not None and len(known) == levels:
+        return known
+    raise ConfigError(
+        f"unknown patch layout ({seq_len} tokens over {levels} scales) and no lvl_1L buffer to read it from",
+        "give a .safetensors written by actvar (it stores its configuration)",
+    )
+
+
 def infer_var_config(
     sd: Mapping[str, Any],
     num_heads: int | None = None,
@@ -172,12 +236,7 @@ def infer_var_config(
     depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
     _, seq_len, width = _shape(sd, "pos_1LC")
     if patch_nums is None:
-        if seq_len not in PATCH_LAYOUTS:
-            raise ConfigError(
-                f"unknown patch layout with {seq_len} tokens",
-                "known layouts have 680 (256px) or 2240 (512px) tokens",
-            )
-        patch_nums = PATCH_LAYOUTS[seq_len]
+        patch_nums = infer_patch_nums(sd, seq_len)
     elif sum(p * p for p in patch_nums) != seq_len:
         raise ConfigError(f"patch layout {patch_nums} does not sum to {seq_len} tokens")
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in keys
@@ -224,89 +283,3 @@ def infer_vae_config(sd: Mapping[str, Any], patch_nums: tuple[int, ...] = PATCH_
         share_quant_resi=share,
         patch_nums=tuple(patch_nums),
     )
-
-
-@dataclass
-class SparsityPolicy:
-    """Where and how much ActVAR sparsity applies (paper section 4.1: last two scales, 75%).
-
-    ``scales`` are 1-based scale numbers; ``token_rates[i]`` is the fraction of that scale's
-    tokens each block processes, ``weight_rates[i]`` the fraction of experts each kept token uses.
-    """
-
-    scales: tuple[int, ...] = (9, 10)
-    token_rates: tuple[float, ...] = (0.75, 0.75)
-    weight_rates: tuple[float, ...] = (0.75, 0.75)
-
-    def __post_init__(self) -> None:
-        self.scales = tuple(int(s) for s in self.scales)
-        self.token_rates = tuple(float(r) for r in self.token_rates)
-        self.weight_rates = tuple(float(r) for r in self.weight_rates)
-        n = len(self.scales)
-        if len(set(self.token_rates)) == 1 and len(self.token_rates) != n:  # a uniform rate fits any scales
-            self.token_rates = self.token_rates[:1] * n
-        if len(set(self.weight_rates)) == 1 and len(self.weight_rates) != n:
-            self.weight_rates = self.weight_rates[:1] * n
-        if not (len(self.scales) == len(self.token_rates) == len(self.weight_rates)):
-            raise ConfigError(
-                f"{len(self.scales)} sparse scales but {len(self.token_rates)} token rates "
-                f"and {len(self.weight_rates)} weight rates",
-                "give one rate, or one per scale (--token-rates 0.75,0.75)",
-            )
-        if len(set(self.scales)) != len(self.scales):
-            raise ConfigError(f"sparse scales {self.scales} repeat a scale")
-        for r in self.token_rates + self.weight_rates:
-            if not (0.0 < r <= 1.0):
-                raise ConfigError(f"rate {r} is outside (0, 1]", "rates are fractions, e.g. 0.75")
-
-    def validate_for(self, cfg: VARConfig) -> None:
-        n = len(cfg.patch_nums)
-        for s in self.scales:
-            if not 1 <= s <= n:
-                raise ConfigError(f"scale {s} does not exist", f"this model has scales 1..{n}")
-
-    def index(self) -> dict[int, tuple[float, float]]:
-        """0-based scale index -> (token rate, weight rate)."""
-        return {s - 1: (t, w) for s, t, w in zip(self.scales, self.token_rates, self.weight_rates)}
-
-    def tokens_kept(self, si: int, num_tokens: int) -> int:
-        """K_t = ceil(rate * tokens) on a sparse scale, all tokens elsewhere."""
-        rates = self.index()
-        if si not in rates:
-            return num_tokens
-        return max(1, min(num_tokens, _ceil(rates[si][0] * num_tokens)))
-
-    def experts_kept(self, si: int, num_experts: int) -> int:
-        """K_w = round(rate * N) (at least 1) on a sparse scale, all experts elsewhere."""
-        rates = self.index()
-        if si not in rates or num_experts == 0:
-            return num_experts
-        return max(1, min(num_experts, round(rates[si][1] * num_experts)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "scales": list(self.scales),
-            "token_rates": list(self.token_rates),
-            "weight_rates": list(self.weight_rates),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SparsityPolicy:
-        return cls(
-            scales=tuple(d["scales"]),
-            token_rates=tuple(d["token_rates"]),
-            weight_rates=tuple(d["weight_rates"]),
-        )
-
-    @classmethod
-    def dense(cls) -> SparsityPolicy:
-        return cls(scales=(), token_rates=(), weight_rates=())
-
-    def __str__(self) -> str:
-        return json.dumps(self.to_dict())
-
-
-def _ceil(x: float) -> int:
-    # ceil that forgives float noise: 0.75 * 256 == 192.00000000000003 must give 192
-    r = round(x)
-    return r if abs(x - r) < 1e-9 else int(x) + (x > int(x))

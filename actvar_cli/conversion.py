@@ -15,22 +15,22 @@ generate with, both fall back to a linearisation of the FFN weights (weight stat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SparsityPolicy, VARConfig
-from .device import autocast
+from .calibration import Calibration, collect_calibration
+from .config import VARConfig, check_expert_count
 from .errors import ConfigError
 from .model import VAR
-from .sampling import SamplingOptions, generate, image_generators
+from .policy import SparsityPolicy
+from .progress import Progress
 from .vqvae import VQVAE
 
 SPLITS = ("cluster", "contiguous", "coactivation")
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass
@@ -44,17 +44,7 @@ class MoefyOptions:
     kmeans_iters: int = 25
     ridge: float = 1e-3  # relative ridge strength (times the mean diagonal of X^T X)
     seed: int = 0
-
-
-@dataclass
-class Calibration:
-    """Per block, at the sparse scales' positions (subsampled): inputs, FFN inputs, movements."""
-
-    block_in: list[torch.Tensor]  # T, C
-    ffn_in: list[torch.Tensor]  # T, C
-    movement: list[torch.Tensor]  # T: squared distance between block output and input
-    group: torch.Tensor  # T: which (row, sparse scale) each token belongs to; selection ranks within one
-    images: int = 0
+    router_fit: str = "pseudo-labels"  # pseudo-labels (ActVAR) | norms (D2DMoE) | static (Table 5)
 
 
 @dataclass
@@ -70,108 +60,16 @@ class MoefyReport:
 def check_options(cfg: VARConfig, opts: MoefyOptions) -> None:
     if cfg.num_experts:
         raise ConfigError("this model is already an ActVAR model", "give the dense VAR checkpoint to moefy")
-    if opts.num_experts < 2:
-        raise ConfigError(f"--experts {opts.num_experts}: need at least 2 experts")
-    if cfg.ffn_dim % opts.num_experts:
-        divisors = [n for n in (2, 4, 8, 16, 32, 64) if cfg.ffn_dim % n == 0]
-        raise ConfigError(
-            f"{opts.num_experts} experts do not divide the FFN width {cfg.ffn_dim}",
-            f"use a divisor such as {', '.join(map(str, divisors))}",
-        )
+    check_expert_count(cfg.ffn_dim, opts.num_experts)
+    if opts.router_fit not in ROUTER_FITS:
+        raise ConfigError(f"unknown router fit {opts.router_fit!r}", f"use one of {', '.join(ROUTER_FITS)}")
+    if opts.router_fit != "pseudo-labels" and opts.calib_images == 0:
+        raise ConfigError(f"the {opts.router_fit} router is fitted on calibration tokens", "give --calib-images > 0")
     if opts.split not in SPLITS:
         raise ConfigError(f"unknown split {opts.split!r}", f"use one of {', '.join(SPLITS)}")
     if opts.calib_images < 0:
         raise ConfigError("--calib-images must be 0 or more")
     opts.policy.validate_for(cfg)
-
-
-# ---------------------------------------------------------------------------
-# Calibration
-# ---------------------------------------------------------------------------
-
-
-def sparse_positions(model: VAR, policy: SparsityPolicy) -> torch.Tensor:
-    idx = [torch.arange(*model.begin_ends[s - 1]) for s in policy.scales]
-    return torch.cat(idx) if idx else torch.arange(0)
-
-
-@torch.no_grad()
-def collect_calibration(
-    model: VAR,
-    vae: VQVAE,
-    opts: MoefyOptions,
-    device: torch.device,
-    dtype: str = "fp32",
-    progress: Progress | None = None,
-) -> Calibration:
-    """Generate pyramids with the model, replay them with teacher forcing (conditional and
-    unconditional rows, as CFG runs them) and record each block at the sparse positions."""
-    pos = sparse_positions(model, opts.policy).to(device)
-    g = torch.Generator().manual_seed(opts.seed)
-    depth = len(model.blocks)
-    rows_in: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    rows_ffn: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    rows_move: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-
-    recording = [False]  # the hooks record only the teacher-forcing replay, not generation
-
-    def block_hook(i):
-        def hook(module, args, output):
-            if not recording[0]:
-                return
-            x_in = args[0][:, pos].float()
-            rows_in[i].append(x_in.cpu())
-            rows_move[i].append((output[:, pos].float() - x_in).square().sum(-1).cpu())
-
-        return hook
-
-    def ffn_hook(i):
-        def hook(module, args, output):
-            if recording[0]:
-                rows_ffn[i].append(args[0][:, pos].float().cpu())
-
-        return hook
-
-    handles = [b.register_forward_hook(block_hook(i)) for i, b in enumerate(model.blocks)]
-    handles += [b.ffn.register_forward_hook(ffn_hook(i)) for i, b in enumerate(model.blocks)]
-    try:
-        done = 0
-        while done < opts.calib_images:
-            n = min(opts.calib_batch, opts.calib_images - done)
-            labels = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
-            rng = image_generators(opts.seed, range(done, done + n), device)
-            with autocast(device, dtype):
-                gen = generate(model, vae, labels, SamplingOptions(), rng=rng)
-                x = vae.quantize.idx_to_var_input(gen.tokens)
-                recording[0] = True
-                for lab in (labels, torch.full_like(labels, model.num_classes)):
-                    model.forward_train(lab, x)
-                recording[0] = False
-            done += n
-            if progress:
-                progress("calibration", done, opts.calib_images)
-    finally:
-        for h in handles:
-            h.remove()
-    # keep whole rows (so every (row, scale) group stays complete), as many as the token budget allows
-    n_rows = sum(t.shape[0] for t in rows_in[0])
-    P = pos.numel()
-    rows = torch.randperm(n_rows, generator=g)[: max(1, opts.calib_max_tokens // P)].sort().values
-    scale_of_pos = torch.cat([torch.full((ed - bg,), i) for i, (bg, ed) in enumerate(
-        model.begin_ends[s - 1] for s in opts.policy.scales)])  # fmt: skip
-    group = (rows[:, None] * len(opts.policy.scales) + scale_of_pos[None, :]).reshape(-1)
-
-    def stack(parts: list[torch.Tensor]) -> torch.Tensor:
-        t = torch.cat(parts)[rows]  # rows, P (, C)
-        return t.reshape(rows.numel() * P, *t.shape[2:])
-
-    return Calibration(
-        block_in=[stack(r) for r in rows_in],
-        ffn_in=[stack(r) for r in rows_ffn],
-        movement=[stack(r) for r in rows_move],
-        group=group,
-        images=opts.calib_images,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -228,8 +126,6 @@ def split_block(block, opts: MoefyOptions, ffn_in: torch.Tensor | None, seed: in
     w1 = block.ffn.fc1.weight.detach().float().cpu()
     if opts.split == "cluster":
         return expert_permutation(balanced_kmeans(w1, opts.num_experts, opts.kmeans_iters, seed))
-    if ffn_in is None:
-        raise ConfigError("--split coactivation needs calibration tokens", "pass --vae and --calib-images > 0")
     act = F.gelu(F.linear(ffn_in, w1, block.ffn.fc1.bias.detach().float().cpu()), approximate="tanh")
     firing = (act > 0).float().T  # F, T: which tokens each neuron fires on
     firing = firing - firing.mean(dim=1, keepdim=True)  # co-activation beyond each neuron's base rate
@@ -248,18 +144,29 @@ def permute_ffn(block, perm: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------
 
 
-def expert_distances(ffn, h_TC: torch.Tensor, num_experts: int, chunk: int = 1024) -> torch.Tensor:
-    """d[t, e] = mean squared distance between expert e's output (with fc2's bias) and the FFN output."""
+ROUTER_FITS = ("pseudo-labels", "norms", "static")
+
+
+def _per_expert(ffn, h_TC: torch.Tensor, num_experts: int, reduce, chunk: int = 1024) -> torch.Tensor:
+    """``reduce(experts_TNC)`` over chunks of tokens; experts_TNC is each expert's output without fc2's bias."""
     w1, b1 = ffn.fc1.weight.float(), ffn.fc1.bias.float()
     w2 = ffn.fc2.weight.float().view(w1.shape[1], num_experts, -1)  # C, N, d_e
     out = []
     for s in range(0, h_TC.shape[0], chunk):
         h = h_TC[s : s + chunk].to(w1.device)
         act = F.gelu(F.linear(h, w1, b1), approximate="tanh").view(h.shape[0], num_experts, -1)  # T, N, d_e
-        experts = torch.einsum("tnd,cnd->tnc", act, w2)  # T, N, C (without the shared bias)
-        full = experts.sum(1, keepdim=True)
-        out.append((experts - full).square().mean(-1).cpu())
+        out.append(reduce(torch.einsum("tnd,cnd->tnc", act, w2)).cpu())  # T, N, C -> T, N
     return torch.cat(out)
+
+
+def expert_distances(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """d[t, e] = mean squared distance between expert e's output (with fc2's bias) and the FFN output."""
+    return _per_expert(ffn, h_TC, num_experts, lambda e: (e - e.sum(1, keepdim=True)).square().mean(-1))
+
+
+def expert_norms(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """n[t, e] = the L2 norm of expert e's output for token t (D2DMoE's routing target)."""
+    return _per_expert(ffn, h_TC, num_experts, lambda e: e.norm(dim=-1))
 
 
 def ridge_fit(x_TC: torch.Tensor, y_TK: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -292,10 +199,27 @@ def standardize(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return (t - t.mean(dim, keepdim=True)) / t.std(dim, keepdim=True).clamp_min(1e-12)
 
 
+def fit_other_router(block, ffn_in: torch.Tensor, opts: MoefyOptions, report: MoefyReport) -> None:
+    """D2DMoE's router predicts each expert's output norm (ridge fit); a static router has zero
+    weights and each expert's mean norm as bias, so every token picks the same experts."""
+    norms = expert_norms(block.ffn, ffn_in, opts.num_experts)  # T, N
+    if opts.router_fit == "norms":
+        w, b, r2 = ridge_fit(ffn_in, norms, opts.ridge)
+        report.router_r2.append(r2)
+    else:
+        w, b = torch.zeros_like(block.ffn.router.weight), norms.mean(0)
+    block.ffn.router.weight.data.copy_(w)
+    block.ffn.router.bias.data.copy_(b)
+
+
 def init_from_calibration(model: VAR, calib: Calibration, opts: MoefyOptions, report: MoefyReport) -> None:
     N = opts.num_experts
     kw = max(1, round(opts.policy.weight_rates[0] * N)) if opts.policy.weight_rates else N
     for i, block in enumerate(model.blocks):
+        _fit_selector(model, block, calib, i, opts, report)
+        if opts.router_fit != "pseudo-labels":
+            fit_other_router(block, calib.ffn_in[i], opts, report)
+            continue
         # router: logits that rank experts as the stage-1 pseudo-labels do (closest to the FFN first)
         target = standardize(-expert_distances(block.ffn, calib.ffn_in[i], N), dim=1)
         w, b, r2 = ridge_fit(calib.ffn_in[i], target, opts.ridge)
@@ -307,16 +231,20 @@ def init_from_calibration(model: VAR, calib: Calibration, opts: MoefyOptions, re
             1, fitted.topk(kw, 1).indices, True
         ) & torch.zeros_like(target, dtype=torch.bool).scatter_(1, target.topk(kw, 1).indices, True)
         report.router_topk_agreement.append(float(overlap.sum(1).float().mean() / kw))
-        # selector: a score that ranks the tokens of one (row, scale) by how far the block moves them.
-        # Only the ranking within a group matters, so the fit uses within-group deviations
-        # (what differs between samples, such as their AdaLN gains, is not the selector's job).
-        x = F.layer_norm(calib.block_in[i], (calib.block_in[i].shape[1],), eps=model.cfg.norm_eps).double()
-        y = torch.log(calib.movement[i].double() + 1e-12)
-        xc, yc = center_by_group(x, calib.group), center_by_group(y, calib.group)
-        w, _, r2 = ridge_fit(xc, (yc / yc.std().clamp_min(1e-12)).unsqueeze(1), opts.ridge)
-        block.selector.weight.data.copy_(w)
-        block.selector.bias.data.zero_()  # a constant does not change a ranking
-        report.selector_r2.append(r2)
+
+
+def _fit_selector(model: VAR, block, calib: Calibration, i: int, opts: MoefyOptions, report: MoefyReport) -> None:
+    """A score that ranks the tokens of one (row, scale) by how far the block moves them.
+
+    Only the ranking within a group matters, so the fit uses within-group deviations (what
+    differs between samples, such as their AdaLN gains, is not the selector's job)."""
+    x = F.layer_norm(calib.block_in[i], (calib.block_in[i].shape[1],), eps=model.cfg.norm_eps).double()
+    y = torch.log(calib.movement[i].double() + 1e-12)
+    xc, yc = center_by_group(x, calib.group), center_by_group(y, calib.group)
+    w, _, r2 = ridge_fit(xc, (yc / yc.std().clamp_min(1e-12)).unsqueeze(1), opts.ridge)
+    block.selector.weight.data.copy_(w)
+    block.selector.bias.data.zero_()  # a constant does not change a ranking
+    report.selector_r2.append(r2)
 
 
 def init_from_weights(model: VAR, opts: MoefyOptions) -> None:
@@ -361,9 +289,21 @@ def moefy(
     device = torch.device(device)
     calib = None
     if opts.calib_images > 0 and vae is not None:
-        calib = collect_calibration(dense.to(device), vae.to(device), opts, device, dtype, progress)
-    elif opts.split == "coactivation":
-        raise ConfigError("--split coactivation needs calibration tokens", "pass --vae and --calib-images > 0")
+        calib = collect_calibration(
+            dense.to(device),
+            vae.to(device),
+            opts.policy,
+            opts.calib_images,
+            opts.calib_batch,
+            opts.calib_max_tokens,
+            opts.seed,
+            device,
+            dtype,
+            progress,
+        )
+    elif opts.split == "coactivation" or opts.router_fit != "pseudo-labels":
+        what = "--split coactivation" if opts.split == "coactivation" else f"the {opts.router_fit} router"
+        raise ConfigError(f"{what} needs calibration tokens", "pass --vae and --calib-images > 0")
 
     cfg = dense.cfg.replace(num_experts=opts.num_experts)
     C, N = cfg.embed_dim, opts.num_experts
@@ -394,3 +334,77 @@ def moefy(
     else:
         init_from_weights(model, opts)
     return model, report
+
+
+# ---------------------------------------------------------------------------
+# A checkpoint in, an ActVAR file out
+# ---------------------------------------------------------------------------
+
+
+def calibration_vae(metadata: dict[str, str], explicit: str | None) -> str | None:
+    """The VAE to calibrate with: ``explicit``, the model's own (tiny's for tiny), the cached
+    official one, or None (then router and selector come from weight statistics)."""
+    from .errors import ActvarError
+    from .hub import find_vae, resolve_local
+
+    if explicit:
+        return resolve_local(explicit)
+    try:
+        return find_vae(metadata, None)
+    except ActvarError:
+        return None
+
+
+def conversion_metadata(info, source: str, vae_source: str | None, opts: MoefyOptions, report: MoefyReport) -> dict:
+    """What an ActVAR file records about its making: base model and hash, split, calibration."""
+    from pathlib import Path
+
+    from . import __version__
+    from .checkpoint import sha256_file
+
+    builtin = info.format == "builtin"
+
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {
+        "base_checkpoint": info.name,
+        "base_checkpoint_path": source if builtin else str(Path(source).resolve()),
+        "base_sha256": "" if builtin else sha256_file(source),
+        "experts": opts.num_experts,
+        "split": opts.split,
+        "router_init": report.router_init,
+        "vae": (vae_source if vae_source == info.metadata.get("vae") else str(Path(vae_source).resolve()))
+        if vae_source
+        else "",
+        "calibration": {
+            "images": report.calib_images,
+            "tokens_per_block": report.calib_tokens,
+            "router_r2": mean(report.router_r2),
+            "selector_r2": mean(report.selector_r2),
+            "router_topk_agreement": mean(report.router_topk_agreement),
+        },
+        "actvar_version": __version__,
+    }
+
+
+def convert_checkpoint(
+    source: str,
+    output: str | os.PathLike,
+    opts: MoefyOptions,
+    vae: str | None = None,
+    num_heads: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> dict:
+    """Load a dense VAR, convert it, write the ActVAR safetensors; returns a summary of the file."""
+    from .checkpoint import load_vae, load_var, save_model
+
+    dense, info = load_var(source, num_heads=num_heads)
+    check_options(dense.cfg, opts)
+    vae_source = calibration_vae(info.metadata, vae)  # recorded in the output even when not calibrating
+    vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if vae_source and opts.calib_images > 0 else None
+    model, report = moefy(dense, vae_model, opts, device=device, progress=progress)
+    meta = conversion_metadata(info, source, vae_source, opts, report)
+    save_model(model, output, meta)
+    return {"output": str(output), "policy": model.policy.to_dict(), **meta}

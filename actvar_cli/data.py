@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,11 +23,11 @@ from .checkpoint import atomic_write_text, atomic_write_with
 from .errors import DataError
 from .images import IMAGE_SUFFIXES
 from .model import VAR
+from .progress import Progress
 from .sampling import SamplingOptions, generate, image_seed
 from .vqvae import VQVAE
 
 CACHE_FORMAT = "actvar-token-cache"
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -81,14 +80,46 @@ class TeacherSource:
         return TokenBatch(labels, gen.tokens)
 
 
+class ShapesSource:
+    """The shapes train stream (the reference model's ImageNet), encoded by the VQVAE as it is read.
+
+    Every sample of every epoch is a fresh image; the stream's indices start far past those
+    the reference model itself was trained on."""
+
+    FIRST = 100_000_000
+
+    def __init__(self, vae: VQVAE, samples_per_epoch: int, seed: int, device):
+        self.vae, self.n, self.seed = vae, samples_per_epoch, seed
+        self.device = torch.device(device)
+        self.description = f"shapes (fresh images, {samples_per_epoch} per epoch)"
+        self.shuffle = False
+
+    def __len__(self) -> int:
+        return self.n
+
+    @torch.no_grad()
+    def batch(self, items: list[tuple[int, int]]) -> TokenBatch:
+        from . import shapes
+
+        ids = [self.FIRST + self.seed * 1_000_003 + epoch * self.n + k for epoch, k in items]
+        imgs, labels = shapes.images("train", ids)
+        tokens = self.vae.img_to_idx(shapes.to_model_input(imgs).to(self.device))
+        return TokenBatch(torch.from_numpy(labels).to(self.device), tokens)
+
+
 class TokenCacheSource:
     """A folder written by ``encode_image_folder``: tokens.npy (N, L) and labels.npy (N,)."""
 
-    def __init__(self, folder: str | Path, patch_nums: tuple[int, ...]):
+    def __init__(self, folder: str | Path, patch_nums: tuple[int, ...], vae_id: str):
         folder = Path(folder)
         meta = read_cache_meta(folder)
         if tuple(meta["patch_nums"]) != tuple(patch_nums):
             raise DataError(f"token cache {folder} has patch layout {meta['patch_nums']}, the model {list(patch_nums)}")
+        if meta.get("vae_sha256") != vae_id:
+            raise DataError(
+                f"token cache {folder} was encoded with another VQVAE ({str(meta.get('vae_sha256'))[:19]}…)",
+                "encode the images again with this model's VAE (--cache-tokens into a new folder)",
+            )
         self.tokens = np.load(folder / "tokens.npy", mmap_mode="r")
         self.labels = np.load(folder / "labels.npy", mmap_mode="r")
         self.patch_nums = tuple(patch_nums)
@@ -173,7 +204,7 @@ class ImageFolderSource:
         self.items, self.classes = list_image_folder(root)
         self.vae, self.patch_nums, self.seed = vae, tuple(patch_nums), seed
         self.device = torch.device(device)
-        self.reso = patch_nums[-1] * 16
+        self.reso = patch_nums[-1] * vae.cfg.stride  # pixels: last-scale tokens times the VQVAE's stride
         self.description = f"ImageFolder {root} ({len(self.items)} images, {len(self.classes)} classes)"
         self.shuffle = True
 
@@ -195,6 +226,7 @@ class ImageFolderSource:
 def encode_image_folder(
     root: str | Path,
     vae: VQVAE,
+    vae_id: str,
     out_dir: str | Path,
     patch_nums: tuple[int, ...],
     seed: int = 0,
@@ -205,7 +237,7 @@ def encode_image_folder(
     """Encode every image once (one seeded crop each) into a token cache folder."""
     out = Path(out_dir)
     if is_token_cache(out):
-        return out
+        return out  # TokenCacheSource checks that it was made with this VAE
     source = ImageFolderSource(root, vae, patch_nums, seed, device)
     n, L = len(source), sum(p * p for p in patch_nums)
     dtype = np.int16 if vae.cfg.vocab_size <= 32767 else np.int32
@@ -217,7 +249,7 @@ def encode_image_folder(
         tokens[s : s + len(ids)] = torch.cat(b.tokens, dim=1).cpu().numpy().astype(dtype)
         labels[s : s + len(ids)] = b.labels.cpu().numpy()
         if progress:
-            progress(min(n, s + batch_size), n)
+            progress("encoding", min(n, s + batch_size), n)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_with(out / "tokens.npy", lambda tmp: _save_npy(tmp, tokens))
     atomic_write_with(out / "labels.npy", lambda tmp: _save_npy(tmp, labels))
@@ -228,6 +260,7 @@ def encode_image_folder(
         "classes": source.classes,
         "patch_nums": list(patch_nums),
         "vocab_size": vae.cfg.vocab_size,
+        "vae_sha256": vae_id,
         "seed": seed,
         "transform": "resize short side to 1.125x (Lanczos), random crop (seeded), [-1, 1]",
     }
@@ -270,3 +303,31 @@ def sample_ids(
 
 def steps_for(epochs: float, samples_per_epoch: int, global_batch: int) -> int:
     return max(1, math.ceil(epochs * samples_per_epoch / global_batch))
+
+
+def open_source(
+    spec: str,
+    cache_tokens: Path | None,
+    recipe,
+    teacher: VAR,
+    vae: VQVAE,
+    vae_id: str,
+    device,
+    progress: Progress | None,
+) -> TokenSource:
+    """``teacher`` (data-free), a token cache, or an ImageFolder (encoded once into ``cache_tokens``)."""
+    patch_nums = teacher.cfg.patch_nums
+    if spec == "shapes":
+        return ShapesSource(vae, recipe.shapes_samples_per_epoch, recipe.seed, device)
+    if spec == "teacher":
+        opts = SamplingOptions(cfg=recipe.teacher_cfg, top_k=recipe.teacher_top_k, top_p=recipe.teacher_top_p)
+        return TeacherSource(teacher, vae, recipe.teacher_samples_per_epoch, opts, recipe.seed, device)
+    path = Path(spec)
+    if is_token_cache(path):
+        return TokenCacheSource(path, patch_nums, vae_id)
+    if cache_tokens is not None:
+        cache = encode_image_folder(
+            path, vae, vae_id, cache_tokens, patch_nums, recipe.seed, device=device, progress=progress
+        )
+        return TokenCacheSource(cache, patch_nums, vae_id)
+    return ImageFolderSource(path, vae, patch_nums, recipe.seed, device)

@@ -11,6 +11,11 @@ from .errors import ConfigError
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def use_cuda(name: str = "auto") -> bool:
+    """Whether a job asked to run on ``name`` (auto, cpu, cuda, cuda:N) runs on a GPU."""
+    return name != "cpu" and torch.cuda.is_available()
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,8 @@ Stage 1 trains only routers and selectors (supp. eq. 19); stage 2 freezes them a
 the experts, attention and head (supp. eq. 22). The same code runs on a CPU, one GPU, or
 ``accelerate launch`` on many processes (DDP; gloo on CPUs). Batches are a pure function
 of (seed, step, micro-step, rank), so a run resumed from a checkpoint continues exactly as
-an uninterrupted one would.
+an uninterrupted one would. A run is set up, trained step by step, checkpointed and
+finished by the phases below; its folder (``run.json``) records which run it holds.
 """
 
 from __future__ import annotations
@@ -21,25 +22,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_text, load_vae, load_var, save_model, stored_json
-from .data import (
-    ImageFolderSource,
-    TeacherSource,
-    TokenCacheSource,
-    TokenSource,
-    encode_image_folder,
-    is_token_cache,
-    sample_ids,
-    steps_for,
-)
-from .errors import ConfigError, OutputError
+from .checkpoint import atomic_write_text, load_vae, load_var, save_model, source_id, user_metadata
+from .data import TokenSource, open_source, sample_ids, steps_for
+from .device import use_cuda
+from .errors import ConfigError
 from .hub import find_teacher, find_vae, resolve_local
 from .losses import stage1_loss, stage2_loss
 from .model import VAR
+from .progress import Progress
 from .recipes import Recipe
-from .sampling import SamplingOptions, image_seed
-
-OnStep = Callable[[dict[str, Any]], None]
+from .run_folder import RunFolder, run_identity
+from .sampling import image_seed
 
 STAGE1_TRAINABLE = ("ffn.router.", "selector.")
 STAGE2_TRAINABLE = ("ffn.fc1.", "ffn.fc2.", "attn.", "head.")
@@ -59,20 +52,95 @@ class DistillJob:
     epochs: float | None = None
     max_steps: int | None = None
     resume: bool = False
+    overwrite: bool = False  # start afresh in a folder that holds another run
     device: str = "auto"
 
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage {self.stage} does not exist (1 or 2)")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs {self.epochs}: must be more than 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps {self.max_steps}: must be at least 1")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out-dir and --overwrite discards it: give one")
+        self.recipe.validate()
 
-class TrainState:
-    """The optimizer step reached; saved and restored with every checkpoint."""
 
-    def __init__(self) -> None:
-        self.step = 0
+@dataclass(frozen=True)
+class RunStart:
+    """Sent once, before the first step (``step`` > 0 when resuming)."""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    stage: int
+    step: int
+    total_steps: int
+    global_batch: int
+    num_processes: int
+    grad_accum: int
+    data: str
 
-    def load_state_dict(self, d: dict[str, int]) -> None:
-        self.step = int(d["step"])
+
+@dataclass(frozen=True)
+class StepDone:
+    """Sent after every optimizer step (on the main process)."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    lr: float
+    terms: dict[str, float]  # the loss terms of the stage, averaged over micro-steps and processes
+    samples_per_s: float
+    elapsed_s: float
+    samples_per_rank: list[int]
+
+    def record(self) -> dict[str, Any]:
+        """The line written to metrics.jsonl."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr": self.lr,
+            **{k: round(v, 6) for k, v in self.terms.items()},
+            "samples_per_s": self.samples_per_s,
+            "elapsed_s": self.elapsed_s,
+            "samples_per_rank": self.samples_per_rank,
+        }
+
+
+DistillEvent = RunStart | StepDone
+OnEvent = Callable[[DistillEvent], None]
+
+
+@dataclass
+class Run:
+    """Everything one run holds while it trains."""
+
+    job: DistillJob
+    acc: Any  # accelerate.Accelerator
+    student: VAR
+    wrapper: torch.nn.Module  # the student as Accelerate prepared it (DDP on many processes)
+    teacher: VAR
+    vae: Any
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    source: TokenSource
+    folder: RunFolder
+    sources: dict[str, str]  # what the run was made from: model, teacher, vae (for the summary)
+    info_metadata: dict[str, str]
+    accum: int
+    total: int
+    step: int = 0
+    started_at: int = 0  # the step this process started (or resumed) from
+    last_terms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def global_batch(self) -> int:
+        return self.job.batch_size * self.acc.num_processes * self.accum
+
+    @property
+    def lr_factor(self) -> float:
+        return lr_lambda(self.total, self.job.recipe.warmup, self.job.recipe.lr_end)(self.step)
 
 
 class StudentForward(torch.nn.Module):
@@ -83,17 +151,12 @@ class StudentForward(torch.nn.Module):
         self.model = model
 
     def forward(self, labels: torch.Tensor, x: torch.Tensor, collect_aux: bool):
-        out = self.model.forward_train(labels, x, self.model.policy, collect_aux=collect_aux)
-        return {"out": out}
-
-
-def trainable_names(stage: int) -> tuple[str, ...]:
-    return STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+        return {"out": self.model.forward_train(labels, x, self.model.policy, collect_aux=collect_aux)}
 
 
 def select_trainable(model: VAR, stage: int) -> list[torch.nn.Parameter]:
     """Stage 1: routers and selectors. Stage 2: experts (fc1/fc2), attention and the head."""
-    prefixes = trainable_names(stage)
+    prefixes = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
     params = []
     for name, p in model.named_parameters():
         inner = name.split(".", 2)[-1] if name.startswith("blocks.") else name
@@ -116,45 +179,8 @@ def lr_lambda(total: int, warmup: float, lr_end: float) -> Callable[[int], float
     return f
 
 
-def latest_complete_checkpoint(out_dir: Path) -> tuple[Path, int] | None:
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = []
-    for d in root.iterdir():
-        marker = d / "complete.json"
-        if d.is_dir() and d.name.startswith("checkpoint_") and marker.exists():
-            done.append((int(d.name.split("_")[-1]), d))
-    if not done:
-        return None
-    number, path = max(done)
-    return path, number
-
-
-def open_source(job: DistillJob, recipe: Recipe, teacher: VAR, vae, device, progress: OnStep | None) -> TokenSource:
-    spec = job.data or recipe.data
-    patch_nums = teacher.cfg.patch_nums
-    if spec == "teacher":
-        opts = SamplingOptions(cfg=recipe.teacher_cfg, top_k=recipe.teacher_top_k, top_p=recipe.teacher_top_p)
-        return TeacherSource(teacher, vae, recipe.teacher_samples_per_epoch, opts, recipe.seed, device)
-    path = Path(spec)
-    if is_token_cache(path):
-        return TokenCacheSource(path, patch_nums)
-    if job.cache_tokens is not None:
-
-        def report(done: int, total: int) -> None:
-            if progress:
-                progress({"event": "encode", "done": done, "total": total})
-
-        cache = encode_image_folder(
-            path, vae, job.cache_tokens, patch_nums, recipe.seed, device=device, progress=report
-        )
-        return TokenCacheSource(cache, patch_nums)
-    return ImageFolderSource(path, vae, patch_nums, recipe.seed, device)
-
-
 class _QuietRotation(logging.Filter):
-    """Accelerate logs every checkpoint rotation as a warning; it is routine here."""
+    """Accelerate logs routine checkpoint chatter as warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "to make room for new checkpoint" not in record.getMessage()
@@ -163,40 +189,28 @@ class _QuietRotation(logging.Filter):
 logging.getLogger("accelerate.accelerator").addFilter(_QuietRotation())
 
 
-def run_distillation(job: DistillJob, on_step: OnStep | None = None) -> dict[str, Any]:
-    """Train one stage; rank 0 writes ``model.safetensors`` and ``metrics.jsonl`` to ``job.out_dir``."""
+# ---------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------
+
+
+def _accelerator(job: DistillJob):
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
 
-    if job.stage not in (1, 2):
-        raise ConfigError(f"stage {job.stage} does not exist (1 or 2)")
-    if job.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
-    recipe = job.recipe
-    use_cuda = torch.cuda.is_available() and job.device != "cpu"
-    state = PartialState(cpu=not use_cuda)
-    world, rank = state.num_processes, state.process_index
-    accum = max(1, math.ceil(recipe.global_batch / (job.batch_size * world)))
-    global_batch = job.batch_size * world * accum
-    precision = recipe.precision if recipe.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    out_dir = Path(job.out_dir)
-    if state.is_main_process:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create {out_dir}: {e.strerror}") from e
-    state.wait_for_everyone()
+    cuda = use_cuda(job.device)
+    state = PartialState(cpu=not cuda)
+    accum = max(1, math.ceil(job.recipe.global_batch / (job.batch_size * state.num_processes)))
+    precision = job.recipe.precision if job.recipe.precision != "auto" else ("bf16" if cuda else "fp32")
     acc = Accelerator(
-        cpu=not use_cuda,
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=accum,
-        project_config=ProjectConfiguration(
-            project_dir=str(out_dir), automatic_checkpoint_naming=True, total_limit=recipe.keep_checkpoints
-        ),
+        cpu=not cuda, mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=accum
     )
-    device = acc.device
+    return acc, accum
 
-    student, info = load_var(resolve_local(job.model))
+
+def _models(job: DistillJob, device) -> tuple[VAR, dict, VAR, Any, dict[str, str]]:
+    """(student, its metadata, teacher, vae, sources) on ``device``; the teacher checked against the student."""
+    source = resolve_local(job.model)
+    student, info = load_var(source)
     if info.kind != "actvar":
         raise ConfigError(f"{job.model} is a dense VAR", "convert it first with `actvar moefy`")
     teacher_src = find_teacher(info.metadata, job.teacher)
@@ -210,148 +224,243 @@ def run_distillation(job: DistillJob, on_step: OnStep | None = None) -> dict[str
     teacher.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     student.train()
-    params = select_trainable(student, job.stage)
-    policy = student.policy
-    segments = student.sparse_segments(policy)
-    if not segments:
+    if not student.sparse_segments(student.policy):
         raise ConfigError("the model's policy makes nothing sparse", "check its scales and rates")
+    return student, info.metadata, teacher, vae, {"model": source, "teacher": teacher_src, "vae": vae_src}
 
-    source = open_source(job, recipe, teacher, vae, device, on_step if acc.is_main_process else None)
-    n = len(source)
-    epochs = (
-        job.epochs if job.epochs is not None else (recipe.stage1_epochs if job.stage == 1 else recipe.stage2_epochs)
-    )
-    total = steps_for(epochs, n, global_batch)
-    if job.max_steps is not None:
-        total = min(total, job.max_steps) if job.epochs is not None else job.max_steps
+
+def _optimizer(student: VAR, stage: int, recipe: Recipe) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = select_trainable(student, stage)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.stage_lr(job.stage),
+        lr=recipe.stage_lr(stage),
         betas=tuple(recipe.betas),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, recipe.warmup, recipe.lr_end))
+    return params, optimizer
+
+
+def setup(job: DistillJob, progress: Progress | None = None) -> Run:
+    """Validate, load, build the optimizer and take over (or resume) the run folder."""
+    job.validate()
+    acc, accum = _accelerator(job)
+    folder = RunFolder(Path(job.out_dir), acc.is_main_process)
+    student, metadata, teacher, vae, sources = _models(job, acc.device)
+    params, optimizer = _optimizer(student, job.stage, job.recipe)
     wrapper, optimizer = acc.prepare(StudentForward(student), optimizer)
-    train_state = TrainState()
-    acc.register_for_checkpointing(scheduler)
-    acc.register_for_checkpointing(train_state)
-
-    metrics_path = out_dir / "metrics.jsonl"
+    source = open_source(
+        job.data or job.recipe.data,
+        job.cache_tokens,
+        job.recipe,
+        teacher,
+        vae,
+        source_id(sources["vae"]),
+        acc.device,
+        progress if acc.is_main_process else None,
+    )
+    n = len(source)
+    epochs = (
+        job.epochs
+        if job.epochs is not None
+        else (job.recipe.stage1_epochs if job.stage == 1 else job.recipe.stage2_epochs)
+    )
+    total = steps_for(epochs, n, job.batch_size * acc.num_processes * accum)
+    if job.max_steps is not None:
+        total = min(total, job.max_steps) if job.epochs is not None else job.max_steps
+    run = Run(
+        job, acc, student, wrapper, teacher, vae, params, optimizer, source, folder, sources, metadata, accum, total
+    )
+    identity = run_identity(job, sources, run.global_batch, total, source.description)
     if job.resume:
-        found = latest_complete_checkpoint(out_dir)
-        if found is None:
-            raise ConfigError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
-        acc.load_state(str(found[0]))
-        acc.project_configuration.iteration = found[1] + 1
-        if acc.is_main_process and metrics_path.exists():  # drop records past the checkpoint
-            kept = [
-                ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= train_state.step
-            ]
-            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-    elif acc.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
-
-    base = {
-        "stage": job.stage,
-        "total_steps": total,
-        "global_batch": global_batch,
-        "num_processes": world,
-        "grad_accum": accum,
-        "data": source.description,
-    }
-    if on_step and acc.is_main_process:
-        on_step({"event": "start", "step": train_state.step, **base})
-    started = time.perf_counter()
-    start_step = train_state.step
-    last_terms: dict[str, float] = {}
-    while train_state.step < total:
-        step = train_state.step
-        sums: dict[str, torch.Tensor] = {}
-        t0 = time.perf_counter()
-        for micro in range(accum):
-            items = sample_ids(step, micro, rank, job.batch_size, world, global_batch, n, recipe.seed, source.shuffle)
-            batch = source.batch(items).to(device)
-            g = torch.Generator().manual_seed(image_seed(recipe.seed + 31, (step * accum + micro) * world + rank))
-            drop = torch.rand(batch.labels.shape[0], generator=g).to(device) < recipe.cond_drop_rate
-            labels = torch.where(drop, torch.full_like(batch.labels, student.num_classes), batch.labels)
-            with torch.no_grad():
-                x = vae.quantize.idx_to_var_input(batch.tokens)
-            gt = torch.cat(batch.tokens, dim=1)
-            with acc.accumulate(wrapper):
-                with acc.autocast():
-                    out = wrapper(labels, x, job.stage == 1)["out"]
-                    if job.stage == 1:
-                        loss, terms = stage1_loss(
-                            student, out, gt, segments, recipe.alpha, recipe.beta, recipe.pseudo_label_temperature
-                        )
-                    else:
-                        with torch.no_grad():
-                            t_out = teacher.forward_train(labels, x)
-                        loss, terms = stage2_loss(out, t_out, gt)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    terms["grad_norm"] = acc.clip_grad_norm_(params, recipe.grad_clip).detach().float()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + (v if k == "grad_norm" else v / accum)  # grad_norm: last micro-step
-        scheduler.step()
-        train_state.step += 1
-        reduced = acc.reduce(torch.stack([sums[k].to(device) for k in sums]), "mean").tolist()  # the step's one sync
-        mean_terms = dict(zip(sums, reduced))
-        per_rank = acc.gather(torch.tensor([job.batch_size * accum], device=device)).tolist()
-        dt = time.perf_counter() - t0
-        record = {
-            "step": train_state.step,
-            "epoch": train_state.step * global_batch / n,
-            "lr": scheduler.get_last_lr()[0],
-            **{k: round(v, 6) for k, v in mean_terms.items()},
-            "samples_per_s": global_batch / dt,
-            "elapsed_s": time.perf_counter() - started,
-            "samples_per_rank": per_rank,
-        }
-        last_terms = mean_terms
-        if acc.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if on_step:
-                on_step({"event": "step", **base, **record})
-        if train_state.step % recipe.checkpoint_every == 0 or train_state.step == total:
-            acc.save_state()
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                last = max((out_dir / "checkpoints").iterdir(), key=lambda d: int(d.name.split("_")[-1]))
-                atomic_write_text(last / "complete.json", json.dumps({"step": train_state.step}))
+        run.step = folder.resume(identity, student, optimizer)
+    else:
+        found = folder.check_free(job.overwrite)
+        acc.wait_for_everyone()  # every process has looked before the main one writes
+        folder.start(identity, found)
     acc.wait_for_everyone()
+    run.started_at = run.step
+    return run
 
+
+def train_step(run: Run) -> StepDone:
+    """One optimizer step: ``accum`` micro-steps on this process's share of the global batch."""
+    job, acc, recipe = run.job, run.acc, run.job.recipe
+    for group in run.optimizer.param_groups:
+        group["lr"] = recipe.stage_lr(job.stage) * run.lr_factor
+    world, rank, n = acc.num_processes, acc.process_index, len(run.source)
+    sums: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for micro in range(run.accum):
+        items = sample_ids(
+            run.step, micro, rank, job.batch_size, world, run.global_batch, n, recipe.seed, run.source.shuffle
+        )
+        batch = run.source.batch(items).to(acc.device)
+        g = torch.Generator().manual_seed(image_seed(recipe.seed + 31, (run.step * run.accum + micro) * world + rank))
+        drop = torch.rand(batch.labels.shape[0], generator=g).to(acc.device) < recipe.cond_drop_rate
+        labels = torch.where(drop, torch.full_like(batch.labels, run.student.num_classes), batch.labels)
+        with torch.no_grad():
+            x = run.vae.quantize.idx_to_var_input(batch.tokens)
+        terms = _micro_step(run, labels, x, torch.cat(batch.tokens, dim=1))
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + (v if k == "grad_norm" else v / run.accum)  # grad_norm: last micro-step
+    run.step += 1
+    reduced = acc.reduce(torch.stack([sums[k].to(acc.device) for k in sums]), "mean").tolist()  # the step's one sync
+    run.last_terms = dict(zip(sums, reduced))
+    per_rank = acc.gather(torch.tensor([job.batch_size * run.accum], device=acc.device)).tolist()
+    return StepDone(
+        step=run.step,
+        total_steps=run.total,
+        epoch=run.step * run.global_batch / n,
+        lr=run.optimizer.param_groups[0]["lr"],
+        terms=run.last_terms,
+        samples_per_s=run.global_batch / (time.perf_counter() - t0),
+        elapsed_s=0.0,
+        samples_per_rank=per_rank,
+    )
+
+
+def _micro_step(run: Run, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+    acc, recipe, student = run.acc, run.job.recipe, run.student
+    segments = student.sparse_segments(student.policy)
+    with acc.accumulate(run.wrapper):
+        with acc.autocast():
+            out = run.wrapper(labels, x, run.job.stage == 1)["out"]
+            if run.job.stage == 1:
+                loss, terms = stage1_loss(
+                    student, out, gt, segments, recipe.alpha, recipe.beta, recipe.pseudo_label_temperature
+                )
+            else:
+                with torch.no_grad():
+                    t_out = run.teacher.forward_train(labels, x)
+                loss, terms = stage2_loss(out, t_out, gt)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            terms["grad_norm"] = acc.clip_grad_norm_(run.params, recipe.grad_clip).detach().float()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return terms
+
+
+def finish(run: Run, seconds: float) -> dict[str, Any]:
+    """The summary; rank 0 writes model.safetensors (with the training history) and training.json."""
+    job = run.job
     summary = {
-        **base,
-        "steps": train_state.step,
-        "resumed_from_step": start_step if job.resume else None,
-        "epochs": train_state.step * global_batch / n,
+        "stage": job.stage,
+        "total_steps": run.total,
+        "global_batch": run.global_batch,
+        "num_processes": run.acc.num_processes,
+        "grad_accum": run.accum,
+        "data": run.source.description,
+        "steps": run.step,
+        "resumed_from_step": run.started_at if job.resume else None,
+        "epochs": run.step * run.global_batch / len(run.source),
         "per_process_batch": job.batch_size,
-        "final_losses": {k: round(v, 6) for k, v in last_terms.items()},
-        "teacher": teacher_src,
-        "vae": vae_src,
-        "recipe": recipe.to_dict(),
-        "seconds": time.perf_counter() - started,
-        "samples_per_s": (train_state.step - start_step) * global_batch / max(1e-9, time.perf_counter() - started),
+        "final_losses": {k: round(v, 6) for k, v in run.last_terms.items()},
+        "teacher": run.sources["teacher"],
+        "vae": run.sources["vae"],
+        "recipe": job.recipe.to_dict(),
+        "seconds": seconds,
+        "samples_per_s": (run.step - run.started_at) * run.global_batch / max(1e-9, seconds),
         "actvar_version": __version__,
     }
-    if acc.is_main_process:
-        final = acc.unwrap_model(wrapper).model
+    if run.acc.is_main_process:
+        final = run.acc.unwrap_model(run.wrapper).model
         final.eval().requires_grad_(False)
-        meta = {
-            k: v
-            for k, v in info.metadata.items()
-            if k not in ("format", "format_version", "kind", "var_config", "policy")
-        }
-        history = stored_json(info, "training") or []
+        meta = user_metadata(run.info_metadata)
+        history = json.loads(meta["training"]) if "training" in meta else []
         meta["training"] = [*history, {k: v for k, v in summary.items() if k != "recipe"}]
-        meta.update({"stage": job.stage, "num_processes": world, "global_batch": global_batch, "vae": vae_src})
-        save_model(final, out_dir / "model.safetensors", meta)
-        atomic_write_text(out_dir / "training.json", json.dumps(summary, indent=1, default=str))
-    acc.wait_for_everyone()
-    acc.end_training()
+        meta.update({"stage": job.stage, "num_processes": run.acc.num_processes, "global_batch": run.global_batch})
+        meta["vae"] = run.sources["vae"]
+        save_model(final, run.folder.root / "model.safetensors", meta)
+        atomic_write_text(run.folder.root / "training.json", json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def run_distillation(
+    job: DistillJob, on_event: OnEvent | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Train one stage; rank 0 writes ``model.safetensors`` and ``metrics.jsonl`` to ``job.out_dir``."""
+    run = setup(job, progress)
+    main = run.acc.is_main_process
+    if on_event and main:
+        on_event(
+            RunStart(
+                job.stage,
+                run.step,
+                run.total,
+                run.global_batch,
+                run.acc.num_processes,
+                run.accum,
+                run.source.description,
+            )
+        )
+    started = time.perf_counter()
+    while run.step < run.total:
+        done = train_step(run)
+        done = StepDone(**{**done.__dict__, "elapsed_s": time.perf_counter() - started})
+        if main:
+            run.folder.append_metrics(done.record())
+            if on_event:
+                on_event(done)
+        if run.step % job.recipe.checkpoint_every == 0 or run.step == run.total:
+            run.folder.save_checkpoint(run.step, run.student, run.optimizer, job.recipe.keep_checkpoints)
+            run.acc.wait_for_everyone()
+    run.acc.wait_for_everyone()
+    summary = finish(run, time.perf_counter() - started)
+    run.acc.wait_for_everyone()
+    run.acc.end_training()
+    return summary
+
+
+def distill_command(
+    stage: int,
+    model: str,
+    out_dir,
+    config: str | None,
+    overrides: dict[str, Any],
+    vae: str | None,
+    teacher: str | None,
+    data: str | None,
+    cache_tokens,
+    batch_size: int,
+    epochs: float | None,
+    max_steps: int | None,
+    resume: bool,
+    overwrite: bool,
+    device: str,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """``actvar distill-stageN``: the recipe (named for the model unless ``config``) with the flags
+    over its keys, checked before any work; progress shows the step and the loss terms."""
+    from .checkpoint import check_not_input, read_checkpoint
+    from .recipes import load_recipe, recipe_for
+
+    source = resolve_local(model)
+    _, info = read_checkpoint(source)
+    recipe = (load_recipe(config) if config else recipe_for(info.var_config)).override(**overrides)
+    check_not_input(Path(out_dir) / "model.safetensors", (source,))
+    job = DistillJob(
+        stage=stage,
+        model=source,
+        out_dir=Path(out_dir),
+        recipe=recipe,
+        vae=vae,
+        teacher=teacher,
+        data=data,
+        cache_tokens=cache_tokens,
+        batch_size=batch_size,
+        epochs=epochs,
+        max_steps=max_steps,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+    )
+
+    def on_event(ev: DistillEvent) -> None:
+        if progress and isinstance(ev, StepDone):
+            keys = ("loss", "cls", "dis_w", "dis_t", "kl", "hidden_mse")
+            terms = " ".join(f"{k} {ev.terms[k]:.4f}" for k in keys if k in ev.terms)
+            progress(f"stage {stage}", ev.step, ev.total_steps, f"{terms} | {ev.samples_per_s:.1f} samples/s")
+
+    return run_distillation(job, on_event, progress)

@@ -10,10 +10,13 @@ part of generation and is not counted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SparsityPolicy, VARConfig
+from .config import VARConfig, check_expert_count
+from .errors import ConfigError
+from .policy import ScalePlan, SparsityPolicy
 
 COMPONENTS = ("embed", "adaln", "qkv", "attention", "proj", "ffn", "router", "selector", "head", "vae_phi")
 
@@ -38,7 +41,7 @@ class ScaleFlops:
     scale: int  # 1-based
     tokens: int
     kept_tokens: int
-    kept_experts: int
+    kept_experts: float  # per kept token (a mean for the threshold rule)
     dense: dict[str, float] = field(default_factory=dict)
     sparse: dict[str, float] = field(default_factory=dict)
 
@@ -93,59 +96,71 @@ class FlopsReport:
 
 
 def _scale_flops(
-    cfg: VARConfig,
-    si: int,
-    n: int,
-    kept: int,
-    kv_len: int,
-    experts_kept: int,
-    num_experts: int,
-    selecting: bool,
-    routing: bool,
-    rows: int,
+    cfg: VARConfig, plan: ScalePlan, kv_len: int, experts_per_token: float, num_experts: int, selector_blocks: int
 ) -> dict[str, float]:
+    """One scale of one image: ``plan.keep_tokens`` tokens through every block (over a KV cache
+    of ``kv_len``), each through ``experts_per_token`` experts; the selector on ``selector_blocks``."""
     C, D, V = cfg.embed_dim, cfg.depth, cfg.vocab_size
-    F = cfg.ffn_dim
-    d_e = F // num_experts if num_experts else F
-    ffn_width = experts_kept * d_e if routing else F
+    n, kept, rows = plan.tokens, plan.keep_tokens, 2 if plan.guided else 1
+    d_e = cfg.ffn_dim // num_experts if num_experts else cfg.ffn_dim
+    routed = plan.sparse_experts(num_experts)
+    ffn_width = experts_per_token * d_e if routed else cfg.ffn_dim
     hw = cfg.patch_nums[-1]
     adaln_per_row = 2 * C * 6 * C * (1 if cfg.shared_aln else D) + 2 * C * 2 * C  # blocks (or shared) + head
     return {
-        "embed": 2.0 * rows * n * cfg.vae_dim * C if si > 0 else 0.0,
+        "embed": 2.0 * n * cfg.vae_dim * C if n > 1 else 0.0,  # once per image, before the CFG rows are repeated
         "adaln": float(rows * adaln_per_row),
         "qkv": 2.0 * D * rows * kept * C * 3 * C,
         "attention": 4.0 * D * rows * kept * kv_len * C,
         "proj": 2.0 * D * rows * kept * C * C,
         "ffn": 4.0 * D * rows * kept * C * ffn_width,
-        "router": 2.0 * D * rows * kept * C * num_experts if routing else 0.0,
-        "selector": 2.0 * D * rows * n * C if selecting else 0.0,
+        "router": 2.0 * D * rows * kept * C * num_experts if routed else 0.0,
+        "selector": 2.0 * selector_blocks * rows * n * C,
         "head": 2.0 * rows * n * C * V,
-        "vae_phi": 2.0 * cfg.vae_dim * cfg.vae_dim * 9 * hw * hw,  # one image (not per CFG row)
+        "vae_phi": 2.0 * cfg.vae_dim * cfg.vae_dim * 9 * hw * hw,  # once per image
     }
+
+
+def _selector_blocks(policy: SparsityPolicy, plan: ScalePlan, si: int, depth: int) -> int:
+    """How many blocks run the (C -> 1) selector at a scale: every block for ActVAR, block 0 at
+    the first sparse scale for the fixed rule, none for the others (their scores are not matmuls)."""
+    if not plan.sparse_tokens or plan.token_rule not in ("selector", "fixed"):
+        return 0
+    if plan.token_rule == "selector":
+        return depth
+    first_sparse = min(s - 1 for s, r in zip(policy.scales, policy.token_rates) if r < 1)
+    return 1 if si == first_sparse else 0
 
 
 def count_flops(
     cfg: VARConfig,
     policy: SparsityPolicy | None,
     num_experts: int | None = None,
-    cfg_rows: int = 2,
+    experts_per_token: Mapping[int, float] | None = None,
 ) -> FlopsReport:
-    """FLOPs of one image's generation, dense and under ``policy``."""
+    """FLOPs of one image's generation (both CFG rows while guided), dense and under ``policy``.
+
+    ``experts_per_token`` gives, for the threshold rule, the mean number of experts each kept
+    token ran at a (0-based) scale: the rule is data-dependent, so it is measured."""
     N = num_experts if num_experts is not None else (cfg.num_experts or 16)
     policy = policy or SparsityPolicy.dense()
     policy.validate_for(cfg)
-    scales = []
-    kv_dense = kv_sparse = 0
-    for si, pn in enumerate(cfg.patch_nums):
-        n = pn * pn
-        kt = policy.tokens_kept(si, n)
-        kw = policy.experts_kept(si, N)
-        selecting, routing = kt < n, kw < N
-        kv_dense += n
-        kv_sparse += kt
-        s = ScaleFlops(scale=si + 1, tokens=n, kept_tokens=kt, kept_experts=kw if routing else N)
-        s.dense = _scale_flops(cfg, si, n, n, kv_dense, N, N, False, False, cfg_rows)
-        s.sparse = _scale_flops(cfg, si, n, kt, kv_sparse, kw, N, selecting, routing, cfg_rows)
+    dense_policy = SparsityPolicy.dense()
+    scales, kv_dense, kv_sparse = [], 0, 0
+    for si in range(len(cfg.patch_nums)):
+        dense_plan, plan = dense_policy.plan(si, cfg.patch_nums, N), policy.plan(si, cfg.patch_nums, N)
+        kv_dense, kv_sparse = kv_dense + dense_plan.tokens, kv_sparse + plan.keep_tokens
+        per_token = float(plan.keep_experts)
+        if plan.threshold is not None:
+            if experts_per_token is None or si not in experts_per_token:
+                raise ConfigError("the threshold rule's FLOPs depend on the images", "measure them with actvar compare")
+            per_token = experts_per_token[si]
+        s = ScaleFlops(scale=si + 1, tokens=plan.tokens, kept_tokens=plan.keep_tokens, kept_experts=per_token)
+        s.dense = _scale_flops(cfg, dense_plan, kv_dense, N, N, 0)
+        if si < policy.generated_scales(len(cfg.patch_nums)):
+            s.sparse = _scale_flops(cfg, plan, kv_sparse, per_token, N, _selector_blocks(policy, plan, si, cfg.depth))
+        else:
+            s.sparse, s.kept_tokens = dict.fromkeys(COMPONENTS, 0.0), 0  # a skipped scale costs nothing
         scales.append(s)
     arch = {"depth": cfg.depth, "embed_dim": cfg.embed_dim, "patch_nums": list(cfg.patch_nums)}
     return FlopsReport(arch=arch, policy=policy.to_dict(), num_experts=N, scales=scales)
@@ -160,7 +175,8 @@ def paper_eq12_savings(cfg: VARConfig, policy: SparsityPolicy, num_experts: int 
         L = cfg.patch_nums[s - 1] ** 2
         eta, mu = 1 - t_rate, 1 - w_rate
         total += cfg.depth * (8 * eta * L * H * H * (1 + 2 * mu) - 2 * L * H * (1 + (1 - eta) * N))
-    dense = count_flops(cfg, None, num_experts, cfg_rows=1).dense_flops
+    no_cfg = SparsityPolicy(scales=(), token_rates=(), weight_rates=(), guidance_off=len(cfg.patch_nums))
+    dense = count_flops(cfg, no_cfg, num_experts).sparse_flops
     return total / dense
 
 
@@ -185,3 +201,45 @@ def paper_table() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def flops_of(
+    checkpoint: str | None = None,
+    arch: str | None = None,
+    experts: int | None = None,
+    scales: list[int] | None = None,
+    token_rate: float | None = None,
+    token_rates: list[float] | None = None,
+    weight_rate: float | None = None,
+    method: str | None = None,
+) -> FlopsReport:
+    """FLOPs of a checkpoint (under its stored policy) or of an architecture (under the
+    paper's), with any of the policy's scales and rates replaced, or under another ``method``'s
+    policy (docs/methods.md)."""
+    from .checkpoint import read_checkpoint
+    from .config import arch_config
+    from .errors import ConfigError
+    from .recipes import Recipe, with_policy_flags
+
+    if (checkpoint is None) == (arch is None):
+        raise ConfigError("give a model checkpoint or --arch, not both or neither")
+    base = Recipe()
+    if checkpoint is not None:
+        _, info = read_checkpoint(checkpoint)
+        if info.kind == "vqvae":
+            raise ConfigError(f"{checkpoint} is a VQVAE; FLOPs are counted for VAR models")
+        cfg = info.var_config
+        if info.policy is not None:
+            base = base.with_policy(info.policy)
+    else:
+        cfg = arch_config(arch)
+    if experts is not None:
+        check_expert_count(cfg.ffn_dim, experts)
+    if method is not None:
+        from .method_specs import method_policy, parse_method
+
+        family, arg = parse_method(method)
+        policy = method_policy(family, arg, len(cfg.patch_nums), info.policy if checkpoint else None)
+    else:
+        policy = with_policy_flags(base, scales, token_rate, token_rates, weight_rate).policy()
+    return count_flops(cfg.replace(num_experts=0), policy, experts or cfg.num_experts or 16)

@@ -7,12 +7,16 @@ or ``--local-dir``, resume when interrupted, and come from the cache when offlin
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HubError
+from .config import BUILTIN_NAME
+from .errors import ActvarError, CheckpointError, ConfigError, HubError
 
 OFFICIAL_REPO = "FoundationVision/var"
 OFFICIAL_FILES = {
@@ -24,6 +28,7 @@ OFFICIAL_FILES = {
     "vae": "vae_ch160v4096z32.pth",
 }
 MODEL_FILE = "model.safetensors"
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # the Hub's rules
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,7 @@ def parse_target(spec: str) -> DownloadTarget:
     if key.lower().removeprefix("var_") in OFFICIAL_FILES:
         return DownloadTarget(OFFICIAL_REPO, OFFICIAL_FILES[key.lower().removeprefix("var_")])
     repo, _, filename = key.partition(":")
-    parts = repo.split("/")
-    if len(parts) != 2 or not all(parts):
+    if not REPO_ID.fullmatch(repo) or ".." in repo or repo.endswith((".", "-")):
         raise HubError(
             f"{spec!r} is not a model name or a repository id",
             "use d16, d20, d24, d30, d36, vae, USER/NAME or USER/NAME:FILE",
@@ -70,7 +74,8 @@ def cache_dir() -> str | None:
     return None
 
 
-def _hub_error(e: Exception, target: DownloadTarget, revision: str | None) -> HubError:
+def _hub_error(e: Exception, target: DownloadTarget, revision: str | None, action: str = "fetch") -> HubError:
+    """huggingface_hub's typed errors as one line that says what to do; ``action`` is fetch or upload."""
     from huggingface_hub import errors as hf_errors
 
     rev = revision or "main"
@@ -81,17 +86,49 @@ def _hub_error(e: Exception, target: DownloadTarget, revision: str | None) -> Hu
     if isinstance(e, hf_errors.RevisionNotFoundError):
         return HubError(f"revision {rev!r} does not exist in {target.repo_id}", "check --revision")
     if isinstance(e, hf_errors.LocalEntryNotFoundError):  # a subclass of EntryNotFoundError: test it first
-        return HubError(
-            f"{target} is not in the local cache and the Hub cannot be reached (offline)",
-            "download it once with network access, or unset HF_HUB_OFFLINE",
-        )
+        if is_offline():
+            return HubError(f"{target} is not in the local cache, and HF_HUB_OFFLINE is set", "unset it to download")
+        return HubError(f"{target} is not in the local cache", f"run `actvar download {target}` with network access")
     if isinstance(e, hf_errors.EntryNotFoundError):
         return HubError(f"{target.filename} is not in {target.repo_id}@{rev}", "check the file name")
     if isinstance(e, hf_errors.HfHubHTTPError):
-        return HubError(f"the Hub refused the request for {target}: {str(e).splitlines()[0]}")
+        return HubError(
+            f"the Hub refused to {action} {target}: {str(e).splitlines()[0]}", "check the name and your token"
+        )
     if isinstance(e, OSError):
-        return HubError(f"could not fetch {target}: {e}", "check the network, disk space and --local-dir")
-    return HubError(f"could not fetch {target}: {e}")
+        return HubError(f"could not {action} {target}: {e}", "check the network, disk space and --local-dir")
+    return HubError(f"could not {action} {target}: {e}")
+
+
+def check_reachable(url: str | None, timeout: float = 5.0) -> None:
+    """Fail at once, not after half a minute of retries, when the Hub's host refuses connections."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return  # a proxy decides what is reachable
+    parsed = urlparse(url or "https://huggingface.co")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise HubError(
+            f"cannot reach the Hub at {parsed.scheme}://{parsed.netloc} ({reason})",
+            "check the network and HF_ENDPOINT, or use --offline for files already in the cache",
+        ) from e
+
+
+@contextlib.contextmanager
+def quiet_retries():
+    """huggingface_hub logs every retry as a warning; the final error says what went wrong."""
+    hf_logger = logging.getLogger("huggingface_hub")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logger.setLevel(level)
 
 
 def download(
@@ -116,13 +153,23 @@ def download(
         library_name="actvar",
         tqdm_class=tqdm_class,
     )
+    if not common["local_files_only"]:
+        check_reachable(endpoint())
     try:
-        if target.filename:
-            return [Path(hf.hf_hub_download(target.repo_id, target.filename, **common))]
-        root = Path(hf.snapshot_download(target.repo_id, **common))
+        with quiet_retries():
+            if target.filename:
+                return [Path(hf.hf_hub_download(target.repo_id, target.filename, **common))]
+            root = Path(hf.snapshot_download(target.repo_id, **common))
     except Exception as e:
         raise _hub_error(e, target, revision) from e
     return sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+
+
+def download_all(names: list[str], revision: str | None, local_dir, force: bool, offline: bool) -> dict[str, list[str]]:
+    """Every name checked first, then each downloaded: {name: local paths}."""
+    for name in names:
+        parse_target(name)
+    return {name: [str(p) for p in download(name, revision, local_dir, force, offline)] for name in names}
 
 
 def model_file_in(paths: list[Path]) -> Path | None:
@@ -135,31 +182,44 @@ def model_file_in(paths: list[Path]) -> Path | None:
 
 
 def find_teacher(metadata: Mapping[str, str], explicit: str | None) -> str:
-    """--teacher, else the base checkpoint an ActVAR model names (its path, or its official name)."""
-    from .checkpoint import BUILTIN_TINY
-    from .errors import ConfigError
-
+    """--teacher, else the base checkpoint an ActVAR model names (its path, or its official name
+    in the Hub cache), checked against the sha256 the model recorded of it."""
     if explicit:
         return resolve_local(explicit)
     path = metadata.get("base_checkpoint_path")
-    if path and (path == BUILTIN_TINY or Path(path).exists()):
-        return path
     official = metadata.get("base_checkpoint", "").removesuffix(".pth").removeprefix("var_")
-    if official:
-        return resolve_local(official)
-    raise ConfigError("the model names no base checkpoint to use as teacher", "pass --teacher var_d16.pth")
+    if path and (path == BUILTIN_NAME or Path(path).exists()):
+        found = path
+    elif official:
+        found = resolve_local(official)
+    else:
+        raise ConfigError("the model names no base checkpoint to use as teacher", "pass --teacher var_d16.pth")
+    check_base_hash(found, metadata.get("base_sha256", ""))
+    return found
+
+
+def check_base_hash(path: str, recorded: str) -> None:
+    """A teacher found by name must be the very file the model was converted from."""
+    from .checkpoint import sha256_file
+
+    if path == BUILTIN_NAME or not recorded:
+        return
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} is not the base model this ActVAR model was made from (sha256 {actual[:12]}…, "
+            f"the model records {recorded[:12]}…)",
+            "pass the right dense model with --teacher",
+        )
 
 
 def find_vae(metadata: Mapping[str, str], explicit: str | None) -> str:
     """--vae, else the VAE a model records (the built-in tiny model records its own), else the
     official one from the Hub cache."""
-    from .checkpoint import BUILTIN_TINY
-    from .errors import ActvarError, ConfigError
-
     if explicit:
         return resolve_local(explicit)
     stored = metadata.get("vae")
-    if stored and (stored == BUILTIN_TINY or Path(stored).exists()):
+    if stored and (stored == BUILTIN_NAME or Path(stored).exists()):
         return stored
     try:
         return resolve_local("vae")
@@ -173,10 +233,7 @@ def resolve_local(spec: str) -> str:
     Lookups of Hub names never touch the network: a name that is not cached is an error
     that says which download to run.
     """
-    from .checkpoint import BUILTIN_TINY
-    from .errors import ActvarError, CheckpointError
-
-    if spec == BUILTIN_TINY or Path(spec).exists():
+    if spec == BUILTIN_NAME or Path(spec).exists():
         return spec
     repo_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     hub_like = spec.lower() in OFFICIAL_FILES or (repo_like and Path(spec).suffix not in (".pth", ".safetensors"))
@@ -197,6 +254,21 @@ def resolve_local(spec: str) -> str:
 # ---------------------------------------------------------------------------
 # Publishing
 # ---------------------------------------------------------------------------
+
+
+def find_eval_json(model_path: str | os.PathLike, explicit: str | os.PathLike | None) -> dict | None:
+    """The evaluation to show in the card: ``explicit``, else an eval.json beside the model."""
+    import json
+
+    path = Path(explicit) if explicit else Path(model_path).parent / "eval.json"
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"--eval {path}: no such file")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable eval.json", "give the eval.json that `actvar eval` wrote") from e
 
 
 def _card_text(repo_id: str, summary: dict, savings_rows: list[tuple], evals: dict | None, training: list) -> str:
@@ -322,9 +394,21 @@ def push(
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_push_folder(model_path, repo_id, staging or tmp, evals)
         api = hf.HfApi(endpoint=endpoint(), token=token, library_name="actvar")
+        check_reachable(endpoint())
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload ActVAR model")
+            with quiet_retries():
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload ActVAR model")
         except Exception as e:
-            raise _hub_error(e, target, None) from e
+            raise _hub_error(e, target, None, action="upload") from e
     return str(getattr(info, "commit_url", info))
+
+
+def push_command(model, repo: str, private: bool, dry_run, eval_json, token: str | None) -> dict:
+    """Check everything, then write the folder (``dry_run``) or upload it."""
+    parse_target(repo)
+    evals = find_eval_json(model, eval_json)
+    if dry_run:
+        folder = write_push_folder(model, repo, dry_run, evals)
+        return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir())}
+    return {"repo": repo, "url": push(model, repo, private=private, evals=evals, token=token)}

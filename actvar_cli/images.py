@@ -48,6 +48,27 @@ def grid(images_NHWC: np.ndarray, nrow: int = 8, pad: int = 2) -> np.ndarray:
     return out
 
 
+def labelled_grid(rows: list[np.ndarray], row_names: list[str], col_names: list[str], scale: int = 3) -> np.ndarray:
+    """Rows of images (each N x H x W x 3) side by side, enlarged ``scale`` times, with a name
+    before each row and above each column."""
+    from PIL import ImageDraw
+
+    h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
+    left, top, pad = 8 + 7 * max(len(n) for n in row_names), 16, 2
+    ncol = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (left + ncol * (w + pad), top + len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(col_names[:ncol]):
+        draw.text((left + j * (w + pad) + 2, 2), name[: max(1, w // 6)], fill="black")
+    for i, (row, name) in enumerate(zip(rows, row_names)):
+        y = top + i * (h + pad)
+        draw.text((4, y + h // 2 - 5), name, fill="black")
+        for j, img in enumerate(row):
+            tile = Image.fromarray(img).resize((w, h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (left + j * (w + pad), y))
+    return np.asarray(canvas)
+
+
 def write_npz(
     path: str | os.PathLike, images: Iterable[np.ndarray], count: int, shape_hwc: tuple[int, int, int]
 ) -> None:

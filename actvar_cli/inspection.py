@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from .checkpoint import BUILTIN_TINY, describe, read_checkpoint, read_state_dict, sha256_file
+from .checkpoint import read_checkpoint, sha256_file, user_metadata
 
 BUFFER_SUFFIXES = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "ema_vocab_hit_SV")
 
 
 def inspect_checkpoint(source: str, num_heads: int | None = None, with_hash: bool = True) -> dict[str, Any]:
-    if source == BUILTIN_TINY:
-        sd, info = read_checkpoint(source, num_heads)
-    else:
-        sd, meta = read_state_dict(source)
-        fmt = "safetensors" if Path(source).suffix == ".safetensors" or meta else "pth"
-        info = describe(sd, meta, source, fmt, num_heads)
+    sd, info = read_checkpoint(source, num_heads)
     params = sum(t.numel() for k, t in sd.items() if not k.endswith(BUFFER_SUFFIXES))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values() if t.is_floating_point()})
     report: dict[str, Any] = {
@@ -37,7 +31,7 @@ def inspect_checkpoint(source: str, num_heads: int | None = None, with_hash: boo
         report["config"] = info.vae_config.to_dict()
     if info.policy is not None:
         report["policy"] = info.policy.to_dict()
-    meta = {k: v for k, v in info.metadata.items() if k not in ("var_config", "policy")}
+    meta = user_metadata(info.metadata)
     if meta:
         report["metadata"] = meta
     return report

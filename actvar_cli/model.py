@@ -6,29 +6,24 @@ has two extra linear layers per block: ``ffn.router`` (C -> N experts) and ``sel
 that expert ``e`` is the contiguous slice ``fc1.weight[e*d_e:(e+1)*d_e]``; with every expert
 and every token active it computes exactly the dense function.
 
-Sparse scales (a ``SparsityPolicy``) run in one of two equivalent ways:
-
-* generation (``Block.forward_sparse``): gather the K_t selected tokens of each row into a
-  compact (B, K_t, C) tensor, run attention and the chosen experts on them only, scatter
-  back; unselected tokens pass through unchanged (paper eq. 9). Only selected tokens
-  enter the block's KV cache.
-* teacher forcing (``Block.forward_masked``): the whole sequence at once; the same
-  selection is expressed as an attention mask that hides unselected tokens as keys (so
-  they are invisible to the block, exactly as in the cache) and as straight-through
-  gates whose forward value is the hard 0/1 choice.
+Sparse scales (a ``SparsityPolicy``) run through ``sparse.py``: ``generation_step`` hands
+each block the scale's plan, and ``forward_train`` expresses the same choices as masks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import routing
-from .config import SparsityPolicy, VARConfig
+from . import routing, sparse
+from .config import VARConfig
+from .errors import ConfigError
+from .policy import SparsityPolicy
+from .profiling import component
 
 
 class FFN(nn.Module):
@@ -43,7 +38,13 @@ class FFN(nn.Module):
         self.router = nn.Linear(dim, num_experts) if num_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        with component("ffn"):
+            return self.fc2(self.act(self.fc1(x)))
+
+    def router_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The router's scores, in float32 even under autocast: a choice must not hinge on bf16 rounding."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return F.linear(h.float(), self.router.weight.float(), self.router.bias.float())
 
 
 class LayerCache:
@@ -103,24 +104,13 @@ class SelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        B, L, C = x_BLC.shape
-        q, k, v = self.qkv(x_BLC)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
-
-
-@dataclass
-class BlockAux:
-    """What a masked (teacher-forcing) block pass exposes for distillation, per sparse scale."""
-
-    selector_logits: list[torch.Tensor] = field(default_factory=list)  # (B, n) per scale
-    token_keep: list[torch.Tensor] = field(default_factory=list)  # (B, n) bool
-    router_logits: list[torch.Tensor] = field(default_factory=list)  # (B, n, N)
-    expert_keep: list[torch.Tensor] = field(default_factory=list)  # (B, n, N) bool
-    ffn_input: list[torch.Tensor] = field(default_factory=list)  # (B, n, C), detached
-    block_input: torch.Tensor | None = None  # (B, L, C)
+        with component("attention"):
+            B, L, C = x_BLC.shape
+            q, k, v = self.qkv(x_BLC)
+            if cache is not None:
+                k, v = cache.append(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class Block(nn.Module):
@@ -160,98 +150,12 @@ class Block(nn.Module):
         x = x + self.attn(self._norm(x, s1, b1), attn_mask, cache).mul(g1)
         return x + self.ffn(self._norm(x, s2, b2)).mul(g2)
 
-    # -- ActVAR generation path -------------------------------------------------------
-
     def selector_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Score of each token (B, n): the selector reads the affine-free LayerNorm of the input."""
-        return self.selector(self.ln_wo_grad(x)).squeeze(-1)
-
-    def forward_sparse(
-        self,
-        x_BnC: torch.Tensor,
-        cond: torch.Tensor,
-        cache: LayerCache,
-        keep_tokens: int,
-        keep_experts: int,
-    ) -> torch.Tensor:
-        """One sparse scale during generation: compute only selected tokens and chosen experts."""
-        B, n, C = x_BnC.shape
-        g1, g2, s1, s2, b1, b2 = self.modulation(cond)
-        idx_BK = None
-        xs = x_BnC
-        if keep_tokens < n:
-            idx_BK = routing.select_tokens(self.selector_logits(x_BnC), keep_tokens)
-            xs = x_BnC.gather(1, idx_BK.unsqueeze(-1).expand(B, keep_tokens, C))  # B, K_t, C
-        xs = xs + self.attn(self._norm(xs, s1, b1), None, cache).mul(g1)
-        h = self._norm(xs, s2, b2)
-        if keep_experts < self.ffn.num_experts:
-            h_TC = h.reshape(-1, C)
-            experts_TK = routing.route(self.ffn.router(h_TC), keep_experts)
-            ffn_out = routing.experts_forward(self.ffn, h_TC, experts_TK).view_as(h)
-        else:
-            ffn_out = self.ffn(h)
-        xs = xs + ffn_out.mul(g2)
-        if idx_BK is None:
-            return xs
-        return x_BnC.scatter(1, idx_BK.unsqueeze(-1).expand(B, keep_tokens, C), xs)
-
-    # -- ActVAR teacher-forcing path ----------------------------------------------------
-
-    def forward_masked(
-        self,
-        x: torch.Tensor,
-        cond: torch.Tensor,
-        causal_mask: torch.Tensor,
-        segments: list[routing.SparseSegment],
-        aux: BlockAux | None = None,
-    ) -> torch.Tensor:
-        """The whole sequence with the generation path's choices expressed as masks.
-
-        ``causal_mask`` (1, 1, L, L) bool is VAR's block-causal mask (True = may attend).
-        """
-        B, L, C = x.shape
-        g1, g2, s1, s2, b1, b2 = self.modulation(cond)
-        token_gate = None  # (B, L, 1): 1 for dense tokens, straight-through 0/1 on sparse ones
-        key_keep = torch.ones(B, L, dtype=torch.bool, device=x.device)
-        for seg in segments:
-            if seg.keep_tokens >= seg.length:
-                continue
-            logits = self.selector_logits(x[:, seg.start : seg.end])  # B, n
-            keep = routing.topk_mask(logits, seg.keep_tokens)
-            key_keep[:, seg.start : seg.end] = keep
-            gate = routing.straight_through(keep, torch.sigmoid(logits))
-            if token_gate is None:
-                token_gate = x.new_ones(B, L)
-            token_gate = torch.cat((token_gate[:, : seg.start], gate, token_gate[:, seg.end :]), dim=1)
-            if aux is not None:
-                aux.selector_logits.append(logits)
-                aux.token_keep.append(keep)
-        mask = causal_mask if token_gate is None else causal_mask & key_keep[:, None, None, :]
-        y = x + self.attn(self._norm(x, s1, b1), mask).mul(g1)
-        h = self._norm(y, s2, b2)
-        hidden = self.ffn.act(self.ffn.fc1(h))  # B, L, F
-        expert_gate = None  # B, L, N
-        for seg in segments:
-            if seg.keep_experts >= self.ffn.num_experts:
-                continue
-            h_seg = h[:, seg.start : seg.end]
-            logits = self.ffn.router(h_seg)  # B, n, N
-            keep = routing.topk_mask(logits, seg.keep_experts)
-            gate = routing.straight_through(keep, logits.softmax(-1))
-            if expert_gate is None:
-                expert_gate = hidden.new_ones(B, L, self.ffn.num_experts)
-            expert_gate = torch.cat((expert_gate[:, : seg.start], gate, expert_gate[:, seg.end :]), dim=1)
-            if aux is not None:
-                aux.router_logits.append(logits)
-                aux.expert_keep.append(keep)
-                aux.ffn_input.append(h_seg.detach())
-        if expert_gate is not None:
-            N = self.ffn.num_experts
-            hidden = (hidden.view(B, L, N, -1) * expert_gate.unsqueeze(-1)).view(B, L, -1)  # B,L,N,d_e -> B,L,F
-        y = y + self.ffn.fc2(hidden).mul(g2)
-        if token_gate is None:
-            return y
-        return x + token_gate.unsqueeze(-1) * (y - x)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32: choices must not hinge on bf16
+            return F.linear(self.ln_wo_grad(x.float()), self.selector.weight.float(), self.selector.bias.float())[
+                ..., 0
+            ]
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -276,8 +180,17 @@ class SharedAdaLin(nn.Linear):
 class TrainOutput:
     logits: torch.Tensor  # B, L, V
     hidden: list[torch.Tensor]  # per block output, B, L, C
-    aux: list[BlockAux]
+    aux: list[sparse.BlockAux]
     cond: torch.Tensor  # what every block is conditioned on (B, C, or B16C with shared AdaLN)
+
+
+def derived_buffers(cfg: VARConfig) -> dict[str, torch.Tensor]:
+    """Buffers that are functions of the config alone: each token's scale, and the block-causal
+    attention bias (0 where a token may attend, -inf elsewhere)."""
+    L = cfg.seq_len
+    lvl = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.patch_nums)]).view(1, L, 1)
+    bias = torch.where(lvl >= lvl.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L)
+    return {"lvl_1L": lvl[:, :, 0].contiguous(), "attn_bias_for_masking": bias.contiguous()}
 
 
 class VAR(nn.Module):
@@ -305,13 +218,12 @@ class VAR(nn.Module):
             self.shared_ada_lin = nn.Identity()
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
 
-        lvl = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.patch_nums)]).view(1, L, 1)
-        self.register_buffer("lvl_1L", lvl[:, :, 0].contiguous())
-        bias = torch.where(lvl >= lvl.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L)
-        self.register_buffer("attn_bias_for_masking", bias.contiguous())
+        for name, buf in derived_buffers(cfg).items():
+            self.register_buffer(name, buf)
 
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
+        self.policy: SparsityPolicy | None = None  # how generation runs it by default (ActVAR models)
         if not self.pos_1LC.is_meta:
             for p in (self.pos_start, self.pos_1LC):
                 nn.init.trunc_normal_(p.data, std=init_std)
@@ -326,7 +238,8 @@ class VAR(nn.Module):
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC  # 1, L, C
 
     def logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(h.float(), cond_BD).float()).float()
+        with component("head"):
+            return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
     def sparse_segments(self, policy: SparsityPolicy | None) -> list[routing.SparseSegment]:
         if policy is None or not self.is_actvar:
@@ -361,16 +274,23 @@ class VAR(nn.Module):
         policy: SparsityPolicy | None = None,
         collect_aux: bool = False,
     ) -> TrainOutput:
-        """Teacher forcing with the ActVAR policy applied as masks (dense when policy is None)."""
+        """Teacher forcing with the policy applied as masks (dense when policy is None)."""
+        if policy is not None and (policy.token_rule == "far-from-mean" or policy.expert_rule == "threshold"):
+            raise ConfigError(
+                f"the {policy.token_rule}/{policy.expert_rule} rules are training-free", "do not distil them"
+            )
         x, cond_BD = self.embed_teacher_forcing(label_B, x_BLCv_wo_first_l)
         cond = self.shared_ada_lin(cond_BD)
         causal = self.attn_bias_for_masking == 0  # 1, 1, L, L bool
         segments = self.sparse_segments(policy)
+        choices = None
+        if segments and policy.token_rule in ("fixed", "centre"):
+            choices = sparse.fixed_choices(self, x, segments, policy.token_rule)
         hidden, auxes = [], []
         for b in self.blocks:
             if segments:
-                aux = BlockAux(block_input=x) if collect_aux else None
-                x = b.forward_masked(x, cond, causal, segments, aux)
+                aux = sparse.BlockAux(block_input=x) if collect_aux else None
+                x = sparse.block_masked(b, x, cond, causal, segments, aux, choices)
                 if aux is not None:
                     auxes.append(aux)
             else:
@@ -390,20 +310,17 @@ class VAR(nn.Module):
         si: int,
         cache: list[LayerCache],
         policy: SparsityPolicy | None = None,
+        state: sparse.GenerationState | None = None,
     ) -> torch.Tensor:
         """Run all blocks on scale ``si``'s tokens (with the KV cache); returns logits (B, n, V)."""
         cond = self.shared_ada_lin(cond_BD)
-        n = x_BnC.shape[1]
-        kt = kw = None
-        if policy is not None and self.is_actvar:
-            kt = policy.tokens_kept(si, n)
-            kw = policy.experts_kept(si, self.cfg.num_experts)
-            if kt == n and kw == self.cfg.num_experts:
-                kt = kw = None
+        plan = policy.plan(si, self.cfg.patch_nums, self.cfg.num_experts) if policy is not None else None
+        dense = plan is None or not (plan.sparse_tokens or plan.sparse_experts(self.cfg.num_experts))
+        state = state if state is not None else sparse.GenerationState()
         x = x_BnC
-        for b, layer_cache in zip(self.blocks, cache):
-            if kt is None:
+        for i, (b, layer_cache) in enumerate(zip(self.blocks, cache)):
+            if dense and not state.record_sublayers:
                 x = b(x, cond, None, layer_cache)
             else:
-                x = b.forward_sparse(x, cond, layer_cache, kt, kw)
+                x = sparse.block_generate(b, x, cond, layer_cache, plan, state, i, si)
         return self.logits(x, cond_BD)

@@ -15,10 +15,18 @@ from typing import Any
 
 import yaml
 
-from .config import SparsityPolicy
 from .errors import ConfigError
+from .policy import SparsityPolicy
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipe_dir() -> Path:
+    """The recipes shipped in the package (the repository's recipes/ folder, mapped by setuptools)."""
+    from importlib.resources import files
+
+    return Path(str(files("actvar_cli.recipe_files")))
+
+
+RECIPE_DIR = _recipe_dir()
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Recipe:
     beta: float = 0.01
     pseudo_label_temperature: float = 1.0
     teacher_samples_per_epoch: int = 1_281_167
+    shapes_samples_per_epoch: int = 10_000
     teacher_cfg: float = 0.0
     teacher_top_k: int = 900
     teacher_top_p: float = 0.96
@@ -61,9 +70,66 @@ class Recipe:
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def validate(self) -> None:
+        """Every value in range, before any work starts."""
+        positive = (
+            "global_batch",
+            "lr",
+            "stage1_epochs",
+            "stage2_epochs",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "teacher_samples_per_epoch",
+            "shapes_samples_per_epoch",
+            "pseudo_label_temperature",
+            "grad_clip",
+            "calib_images",
+            "experts",
+        )
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{key} = {value!r}: must be a number above 0")
+        for key in ("stage1_lr", "stage2_lr"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
+                raise ConfigError(f"{key} = {value!r}: must be a number above 0 (or null)")
+        for key in (
+            "weight_decay",
+            "alpha",
+            "beta",
+            "teacher_cfg",
+            "warmup",
+            "lr_end",
+            "cond_drop_rate",
+            "teacher_top_k",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{key} = {value!r}: must be a number, 0 or more")
+        for key, hi in (("warmup", 1), ("lr_end", 1), ("cond_drop_rate", 1), ("teacher_top_p", 1)):
+            if not 0 <= getattr(self, key) <= hi:
+                raise ConfigError(f"{key} = {getattr(self, key)!r}: must be between 0 and {hi}")
+        betas = self.betas
+        if not (
+            isinstance(betas, (list, tuple))
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+        ):
+            raise ConfigError(f"betas = {betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision = {self.precision!r}", "use auto, fp32 or bf16")
+        self.policy()
+
     def policy(self) -> SparsityPolicy:
         return SparsityPolicy(
             scales=tuple(self.scales), token_rates=tuple(self.token_rates), weight_rates=(self.weight_rate,)
+        )
+
+    def with_policy(self, policy: SparsityPolicy) -> Recipe:
+        """This recipe with a model's stored policy as its scales and rates."""
+        return self.override(
+            scales=list(policy.scales), token_rates=list(policy.token_rates), weight_rate=policy.weight_rates[0]
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +200,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent is None:
         return data
     return {**_read_yaml(path.parent / str(parent), (*seen, path.resolve())), **data}
+
+
+def recipe_for(cfg, name: str | None = None) -> Recipe:
+    """The recipe named for a model: ``tiny``'s for the built-in model, ``actvar-dN.yaml`` for an
+    official architecture, else the paper's settings on the last two scales of its layout."""
+    from .config import BUILTIN_NAME, arch_config, official_var_config
+
+    if cfg.replace(num_experts=0) == arch_config(BUILTIN_NAME):
+        return load_recipe(BUILTIN_NAME)
+    if (
+        cfg.replace(num_experts=0) == official_var_config(cfg.depth)
+        and (RECIPE_DIR / f"actvar-d{cfg.depth}.yaml").exists()
+    ):
+        return load_recipe(f"d{cfg.depth}")
+    n = len(cfg.patch_nums)
+    return Recipe().override(scales=[n - 1, n])
 
 
 def load_recipe(source: str | Path | None) -> Recipe:

@@ -1,15 +1,52 @@
-"""Token selection and expert routing: the choices ActVAR makes, and computing only what they keep.
+"""Which tokens and experts run, and computing only those.
 
 Both the generation path and the teacher-forcing path take their choices from the same
-``torch.topk`` calls here, so the two paths agree token for token.
+``torch.topk`` calls here, so the two paths agree token for token. Expert work is a list of
+(token, expert) pairs sorted by expert; two kernels compute it and give the same result:
+
+* ``grouped``: one ``torch.nn.functional.grouped_mm`` per layer, group offsets from a
+  ``scatter_add``/``cumsum`` of the pair counts. No host sync and no Python loop over
+  experts: CUDA's grouped GEMM, and what ``torch.compile(fullgraph=True)`` and CUDA graphs
+  need (its compiled form wants bf16, as CUDA runs it);
+* ``loop``: one pair of GEMMs per expert, sizes read on the host; on a CPU this is often the
+  faster of the two (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter
+
+KERNELS = ("auto", "grouped", "loop")
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter does not count grouped GEMMs: 2 * rows * K * N for (rows, K) x (G, K, N)."""
+    rows, k = a_shape[-2], a_shape[-1]
+    return 2 * rows * k * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
+
+
+if torch.ops.aten._grouped_mm.default not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+
+
+@torch.library.custom_op("actvar::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm(a, b, offs=offs)`` as one opaque op: torch.compile traces it in any dtype
+    (the built-in one traces only in bf16/fp16), so a whole step compiles in float32 on a CPU too."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+flop_counter.register_flop_formula(torch.ops.actvar.grouped_mm)(_grouped_mm_flops)  # the counter sees only our op
 
 
 @dataclass(frozen=True)
@@ -51,62 +88,101 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return hard.to(soft.dtype) + (soft - soft.detach())
 
 
-_WORKSPACE: dict[tuple, torch.Tensor] = {}
+def far_from_mean_scores(x_BnC: torch.Tensor) -> torch.Tensor:
+    """FastVAR's score (B, n): squared distance of each token to the mean token of its scale."""
+    return (x_BnC - x_BnC.mean(dim=1, keepdim=True)).float().square().sum(-1)
 
 
-def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable flat buffer. On the CPU a fresh multi-MB tensor costs page faults on first
-    touch (measured: a 150 MB gather took 70 ms into a new tensor, 9 ms into a reused one)."""
-    key = (name, dtype, device)
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _WORKSPACE[key] = buf
-    return buf[:numel]
+@functools.lru_cache(maxsize=32)
+def centre_scores(side: int) -> torch.Tensor:
+    """EAR's centre-outward priority (side*side,): higher nearer the centre, ties in raster order."""
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    c = (side - 1) / 2
+    dist = ((yy - c) ** 2 + (xx - c) ** 2).reshape(-1).double()
+    return -(dist + torch.arange(side * side, dtype=torch.double) * 1e-6)  # nearer first, then earlier
 
 
-def experts_forward(ffn, x_TC: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-    """Sum of each token's chosen experts plus fc2's bias, computing only those experts.
+# ---------------------------------------------------------------------------
+# Experts
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """(token, expert) pairs sorted by expert; ``counts[e]`` pairs of expert e (stays on the device)."""
+
+    token: torch.Tensor  # P
+    expert: torch.Tensor  # P
+    counts: torch.Tensor  # N
+
+
+def topk_pairs(experts_TK: torch.Tensor, num_experts: int) -> Pairs:
+    """Every token with each of its K chosen experts; no host sync."""
+    K = experts_TK.shape[1]
+    flat = experts_TK.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return Pairs(order // K, flat[order], counts)
+
+
+def threshold_pairs(norms_TN: torch.Tensor, tau: float) -> Pairs:
+    """D2DMoE's dynamic-k rule: expert e runs for a token when its predicted output norm is at
+    least ``tau`` times the token's largest. The pair count varies, so it is read on the host."""
+    norms_TN = norms_TN.clamp_min(0)  # a linear predictor can undershoot; a norm is never negative
+    active = norms_TN >= tau * norms_TN.max(dim=-1, keepdim=True).values
+    expert, token = active.t().nonzero(as_tuple=True)  # expert-major: already sorted by expert
+    counts = active.sum(0)
+    return Pairs(token, expert, counts)
+
+
+def experts_forward(ffn, x_TC: torch.Tensor, pairs: Pairs, kernel: str = "auto") -> torch.Tensor:
+    """Sum over each token's pairs of its expert's output, plus fc2's bias, computing only those.
 
     Expert ``e`` owns hidden neurons [e*d_e, (e+1)*d_e) of fc1/fc2 (``moefy`` permuted them so).
-    Token-expert pairs are sorted by expert, each expert runs two GEMMs on its own tokens,
-    and ``index_add_`` sums the results back per token. The fc2 bias is added once (paper
-    eq. 4 writes it inside the sum: a typo, it would count the bias K_w times).
+    The fc2 bias is added once (paper eq. 4 writes it inside the sum: a typo, it would count
+    the bias K_w times).
     """
-    T, C = x_TC.shape
-    K = experts_TK.shape[1]
-    N = ffn.num_experts
-    w1 = ffn.fc1.weight.view(N, -1, C)  # N, d_e, C
-    b1 = ffn.fc1.bias.view(N, -1)  # N, d_e
-    d_e = w1.shape[1]
-    w2 = ffn.fc2.weight  # C, F  (expert e: columns e*d_e .. (e+1)*d_e)
+    if kernel == "auto":
+        kernel = "grouped" if x_TC.device.type == "cuda" else "loop"
+    if kernel == "loop":
+        return _loop(ffn, x_TC, pairs) + ffn.fc2.bias
+    x_sorted = x_TC.index_select(0, pairs.token)  # P, C
+    y_sorted = _grouped(ffn, x_sorted, pairs)  # P, C
+    out = torch.zeros(x_TC.shape[0], y_sorted.shape[1], dtype=y_sorted.dtype, device=x_TC.device)
+    return out.index_add_(0, pairs.token, y_sorted) + ffn.fc2.bias
 
-    flat = experts_TK.reshape(-1)  # T*K
-    order = flat.argsort(stable=True)  # slots grouped by expert
-    counts = torch.bincount(flat, minlength=N).tolist()
-    token_of_slot = order // K  # T*K: which token each sorted slot belongs to
-    reuse = x_TC.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-    if reuse:
-        x_sorted = workspace("x_sorted", T * K * C, x_TC.dtype, x_TC.device).view(T * K, C)
-        torch.index_select(x_TC, 0, token_of_slot, out=x_sorted)
-        y_sorted = workspace("y_sorted", T * K * C, x_TC.dtype, x_TC.device).view(T * K, C)
-    else:
-        x_sorted = x_TC.index_select(0, token_of_slot)
-        y_sorted = None
+
+def _grouped(ffn, x_PC: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    N, C = ffn.num_experts, x_PC.shape[1]
+    offs = pairs.counts.cumsum(0).to(torch.int32)
+    dtype = torch.get_autocast_dtype(x_PC.device.type) if torch.is_autocast_enabled(x_PC.device.type) else x_PC.dtype
+    w1 = ffn.fc1.weight.to(dtype).view(N, -1, C).transpose(1, 2)  # N, C, d_e
+    w2 = ffn.fc2.weight.to(dtype).view(C, N, -1).permute(1, 2, 0)  # N, d_e, C
+    b1 = ffn.fc1.bias.to(dtype).view(N, -1)[pairs.expert]  # P, d_e
+    h = F.gelu(grouped_mm(x_PC.to(dtype), w1, offs) + b1, approximate="tanh")
+    return grouped_mm(h, w2, offs)
+
+
+def _loop(ffn, x_TC: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    """Each expert gathers its own tokens, runs its two GEMMs and adds into the output in place.
+
+    The CPU kernel: nothing of size pairs x C is ever made (at d16, batch 8, that would be 150 MB,
+    and on a CPU fresh buffers that large cost more in page faults than the gathers themselves).
+    """
+    N, C = ffn.num_experts, x_TC.shape[1]
+    w1 = ffn.fc1.weight.view(N, -1, C)  # N, d_e, C
+    b1 = ffn.fc1.bias.view(N, -1)
+    d_e = w1.shape[1]
+    out = None
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(pairs.counts.tolist()):
         if n == 0:
             continue
-        h = F.gelu(F.linear(x_sorted[start : start + n], w1[e], b1[e]), approximate="tanh")  # n, d_e
-        w2_e = w2[:, e * d_e : (e + 1) * d_e].t()  # d_e, C (a strided view, no copy)
-        if reuse:
-            torch.mm(h, w2_e, out=y_sorted[start : start + n])
-        else:
-            y = h @ w2_e  # dtype follows autocast
-            if y_sorted is None:
-                y_sorted = x_sorted.new_empty(x_sorted.shape, dtype=y.dtype)
-            y_sorted[start : start + n] = y
+        token_n = pairs.token[start : start + n]
+        h = F.gelu(F.linear(x_TC.index_select(0, token_n), w1[e], b1[e]), approximate="tanh")  # n, d_e
+        y_nC = h @ ffn.fc2.weight[:, e * d_e : (e + 1) * d_e].t()  # dtype follows autocast
+        if out is None:
+            out = x_TC.new_zeros(x_TC.shape, dtype=y_nC.dtype)
+        out.index_add_(0, token_n, y_nC)
         start += n
-    out = torch.zeros(T, C, dtype=y_sorted.dtype, device=x_TC.device)
-    out.index_add_(0, token_of_slot, y_sorted)
-    return out + ffn.fc2.bias
+    return out if out is not None else x_TC.new_zeros(x_TC.shape)

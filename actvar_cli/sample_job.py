@@ -1,65 +1,82 @@
 """A sampling job: which images to make, in which files; resumable and shardable.
 
-Image ``i`` has class ``classes[i // num_per_class]`` and (by default) randomness seeded
-from ``(seed, i)``, so any split of the indices over processes, and any restart that
-skips the PNGs already on disk, gives the same set of images.
+Image ``i`` has the label ``labels[i]`` and is always generated in canonical batch
+``i // batch_size``, beside the same companions, with randomness seeded from ``(seed, i)``
+(or, with upstream seeding, from ``seed + batch``). Float results can depend on a batch's
+shape, so a run that is sharded over processes or resumed after a crash regenerates whole
+canonical batches and writes only the files that are missing: its images are byte for byte
+those of one uninterrupted run. A record in the folder (``samples.json``) says what made its
+images; a run that would mix in images of another model, seed or recipe is refused.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import images
-from .config import SparsityPolicy
+from .checkpoint import atomic_write_text
 from .device import autocast, synchronize
 from .errors import ConfigError, OutputError
 from .model import VAR
-from .sampling import SamplingOptions, decode_images, generate, image_generators, to_uint8
+from .policy import SparsityPolicy
+from .progress import Progress
+from .sampling import SamplingOptions, compile_steps, decode_images, generate, image_generators, to_uint8
 from .vqvae import VQVAE
 
-Progress = Callable[[int, int], None]  # (images done, images total)
+RECORD = "samples.json"
 
 
 @dataclass
 class SampleJob:
-    classes: list[int]
-    num_per_class: int = 1
+    labels: list[int]  # one per image, in output order
     seed: int = 0
     batch_size: int = 8
     opts: SamplingOptions = field(default_factory=SamplingOptions)
     upstream_seeding: bool = False
 
+    @classmethod
+    def blocks(cls, classes: list[int], num_per_class: int, **kw: Any) -> SampleJob:
+        """``num_per_class`` images of each class in turn (``sample``'s order)."""
+        if num_per_class < 1:
+            raise ConfigError(f"--num-per-class {num_per_class}: must be at least 1")
+        return cls([c for c in classes for _ in range(num_per_class)], **kw)
+
+    @classmethod
+    def evenly(cls, classes: list[int], num: int, **kw: Any) -> SampleJob:
+        """``num`` images cycling through ``classes`` (``eval``'s order: any prefix is balanced)."""
+        if num < 1:
+            raise ConfigError(f"--num {num}: must be at least 1")
+        return cls([classes[i % len(classes)] for i in range(num)] if classes else [], **kw)
+
     @property
     def total(self) -> int:
-        return len(self.classes) * self.num_per_class
+        return len(self.labels)
 
     def label(self, index: int) -> int:
-        return self.classes[index // self.num_per_class]
+        return self.labels[index]
 
     def validate(self, num_classes: int) -> None:
-        if not self.classes:
+        if not self.labels:
             raise ConfigError("no classes given", "pass --classes 0,7,42")
-        bad = [c for c in self.classes if not 0 <= c < num_classes]
+        bad = [c for c in self.labels if not 0 <= c < num_classes]
         if bad:
             raise ConfigError(f"class id {bad[0]} is out of range", f"this model has classes 0..{num_classes - 1}")
-        if self.num_per_class < 1 or self.batch_size < 1:
-            raise ConfigError("--num-per-class and --batch-size must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        self.opts.validate()
 
     def batches(self, rank: int = 0, world: int = 1) -> list[tuple[int, list[int]]]:
-        """(batch number, indices) for one process. Upstream seeding keeps upstream's fixed
-        batches (batch k is seeded with seed + k); otherwise images are dealt round-robin."""
-        if self.upstream_seeding:
-            starts = range(0, self.total, self.batch_size)
-            numbered = [(k, list(range(s, min(s + self.batch_size, self.total)))) for k, s in enumerate(starts)]
-            return numbered[rank::world]
-        mine = list(range(rank, self.total, world))
-        return [(k, mine[s : s + self.batch_size]) for k, s in enumerate(range(0, len(mine), self.batch_size))]
+        """(batch number, indices) of the canonical batches this process makes (every world-th)."""
+        starts = range(0, self.total, self.batch_size)
+        numbered = [(k, list(range(s, min(s + self.batch_size, self.total)))) for k, s in enumerate(starts)]
+        return numbered[rank::world]
 
 
 @dataclass
@@ -75,30 +92,67 @@ class SampleResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def prepare_out_dir(out_dir: str | Path) -> Path:
+def job_record(job: SampleJob, model_id: str, vae_id: str, policy: SparsityPolicy | None, dtype: str) -> dict[str, Any]:
+    """What made a folder's images; a resumed run must match it."""
+    return {
+        "model": model_id,
+        "vae": vae_id,
+        "policy": policy.to_dict() if policy is not None else None,
+        "seed": job.seed,
+        "batch_size": job.batch_size,
+        "sampling": job.opts.__dict__,
+        "upstream_seeding": job.upstream_seeding,
+        "dtype": dtype,
+        "labels": job.labels,
+    }
+
+
+def prepare_out_dir(out_dir: str | Path, record: dict[str, Any], overwrite: bool, main: bool = True) -> Path:
+    """Check that ``out_dir`` may receive this job's images, and record the job there."""
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".actvar-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"cannot write to {out}: {e.strerror}", "choose a writable --out folder") from e
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file", "give a folder")
+    old_path = out / RECORD
+    ours = sorted(out.glob("[0-9]" * 6 + "_class*.png")) if out.is_dir() else []
+    old = json.loads(old_path.read_text()) if old_path.exists() else None
+    if (ours or old) and not overwrite:
+        if old is None:
+            raise OutputError(f"{out} holds images that no record describes", "choose another --out, or --overwrite")
+        differ = [k for k in record if k != "labels" and old.get(k) != record[k]]
+        n = min(len(old.get("labels", [])), len(record["labels"]))
+        if old.get("labels", [])[:n] != record["labels"][:n]:
+            differ.append("classes")
+        if differ:
+            raise OutputError(
+                f"{out} holds images of another run (it differs in {', '.join(differ)})",
+                "choose another --out, or pass --overwrite to replace them",
+            )
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stale = ours if overwrite else _regrouped(ours, old, record)
+            for p in [*stale, out / "grid.png", out / "samples.npz"] if stale or overwrite else []:
+                p.unlink(missing_ok=True)
+            atomic_write_text(old_path, json.dumps(record))
+        except OSError as e:
+            raise OutputError(f"cannot write to {out}: {e.strerror}", "choose a writable --out folder") from e
     return out
+
+
+def _regrouped(files: list[Path], old: dict[str, Any] | None, new: dict[str, Any]) -> list[Path]:
+    """Images of the old run's last canonical batch when the new run fills that batch further:
+    made beside other companions, they are made again."""
+    if old is None or len(new["labels"]) <= len(old["labels"]):
+        return []
+    first = len(old["labels"]) // new["batch_size"] * new["batch_size"]  # the start of the old partial batch
+    return [p for p in files if int(p.name[:6]) >= first]
 
 
 @torch.no_grad()
 def generate_batch(
-    model: VAR,
-    vae: VQVAE,
-    job: SampleJob,
-    indices: list[int],
-    batch_number: int,
-    device: torch.device,
-    dtype: str,
-    policy: SparsityPolicy | None,
+    model, vae, job: SampleJob, indices: list[int], batch_number: int, device, dtype, policy
 ) -> np.ndarray:
-    """uint8 NHWC images for ``indices``."""
+    """uint8 NHWC images of one canonical batch."""
     labels = torch.tensor([job.label(i) for i in indices], device=device)
     if job.upstream_seeding:
         rng = torch.Generator(device=device).manual_seed(job.seed + batch_number)
@@ -121,34 +175,29 @@ def run_sample_job(
     rank: int = 0,
     world: int = 1,
 ) -> SampleResult:
-    """Generate this process's share of the job's images as PNGs, skipping those on disk."""
-    job.validate(model.num_classes)
-    out = prepare_out_dir(out_dir)
+    """Make this process's canonical batches that miss a file, writing only the missing files.
+
+    ``out_dir`` must have been prepared (``prepare_out_dir``)."""
+    out = Path(out_dir)
     batches = job.batches(rank, world)
     mine = [i for _, b in batches for i in b]
     path_of = {i: out / images.png_name(i, job.label(i)) for i in mine}
-    if job.upstream_seeding:  # a batch's randomness is shared: redo whole batches
-        todo = [(k, b) for k, b in batches if not all(path_of[i].exists() for i in b)]
-    else:  # any subset can be made: regroup only the missing images
-        missing = [i for i in mine if not path_of[i].exists()]
-        todo = [(0, missing[s : s + job.batch_size]) for s in range(0, len(missing), job.batch_size)]
-    skipped = len(mine) - sum(len(b) for _, b in todo)
-    done = skipped
+    todo = [(k, b) for k, b in batches if not all(path_of[i].exists() for i in b)]
+    missing = sum(1 for _, b in todo for i in b if not path_of[i].exists())
+    done = len(mine) - missing
     if progress:
-        progress(done, len(mine))
+        progress("sampling", done, len(mine))
     t0 = time.perf_counter()
-    generated = 0
     for batch_number, idx in todo:
         imgs = generate_batch(model, vae, job, idx, batch_number, device, dtype, policy)
         for i, img in zip(idx, imgs):
-            images.save_png(path_of[i], img)
-        generated += len(idx)
-        done += len(idx)
+            if not path_of[i].exists():
+                images.save_png(path_of[i], img)
+                done += 1
         if progress:
-            progress(done, len(mine))
+            progress("sampling", done, len(mine))
     synchronize(device)
-    seconds = time.perf_counter() - t0
-    return SampleResult(out, [path_of[i] for i in mine], generated, skipped, seconds)
+    return SampleResult(out, [path_of[i] for i in mine], missing, len(mine) - missing, time.perf_counter() - t0)
 
 
 def finish_outputs(job: SampleJob, out_dir: str | Path, npz: bool, grid: bool = True, grid_max: int = 64) -> tuple:
@@ -161,7 +210,8 @@ def finish_outputs(job: SampleJob, out_dir: str | Path, npz: bool, grid: bool = 
     grid_path = npz_path = None
     if grid:
         first = np.stack([images.load_png(p) for p in paths[:grid_max]])
-        nrow = job.num_per_class if 1 < job.num_per_class <= 16 else min(8, len(first))
+        per_class = _run_length(job.labels)
+        nrow = per_class if 1 < per_class <= 16 else min(8, len(first))
         grid_path = out / "grid.png"
         images.save_png(grid_path, images.grid(first, nrow=nrow))
     if npz:
@@ -169,3 +219,102 @@ def finish_outputs(job: SampleJob, out_dir: str | Path, npz: bool, grid: bool = 
         npz_path = out / "samples.npz"
         images.write_npz(npz_path, (images.load_png(p) for p in paths), len(paths), shape)
     return grid_path, npz_path
+
+
+def _run_length(labels: list[int]) -> int:
+    """How many images of the first class come in a row (a grid row per class for ``sample``)."""
+    n = 1
+    while n < len(labels) and labels[n] == labels[0]:
+        n += 1
+    return n
+
+
+def generate_images(
+    model: VAR,
+    vae: VQVAE,
+    labels: list[int],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "fp32",
+    policy: SparsityPolicy | None = None,
+    opts: SamplingOptions = SamplingOptions(),
+) -> np.ndarray:
+    """uint8 NHWC images in memory, made in the same canonical batches as a sampling job's files."""
+    job = SampleJob(list(labels), seed=seed, batch_size=batch_size, opts=opts)
+    out = [generate_batch(model, vae, job, idx, k, device, dtype, policy) for k, idx in job.batches()]
+    return np.concatenate(out)
+
+
+@dataclass
+class SampleRequest:
+    """What ``actvar sample`` was asked for."""
+
+    model: str
+    vae: str | None
+    out_dir: Path
+    classes: list[int] | None = None  # None: four ImageNet classes, or the first ten of a smaller model
+    num_per_class: int = 1
+    opts: SamplingOptions = field(default_factory=SamplingOptions)
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    npz: bool = False
+    upstream_seeding: bool = False
+    dense: bool = False
+    overwrite: bool = False
+    num_heads: int | None = None
+    compile: bool = False
+
+
+def default_classes(num_classes: int) -> list[int]:
+    return [980, 437, 22, 562] if num_classes == 1000 else list(range(min(num_classes, 10)))
+
+
+def sample_to_folder(req: SampleRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """``actvar sample``: check everything, make the missing images, then the grid (and npz)."""
+    from .checkpoint import check_pair, load_vae, load_var, source_id
+    from .device import pick_device, resolve_dtype
+    from .hub import find_vae
+
+    req.opts.validate()
+    if req.batch_size < 1 or req.num_per_class < 1:
+        raise ConfigError(f"--batch-size {req.batch_size} / --num-per-class {req.num_per_class}: must be at least 1")
+    dev = pick_device(req.device)
+    dt = resolve_dtype(req.dtype, dev)
+    model, info = load_var(req.model, num_heads=req.num_heads)
+    classes = req.classes if req.classes is not None else default_classes(model.num_classes)
+    job = SampleJob.blocks(
+        classes,
+        req.num_per_class,
+        seed=req.seed,
+        batch_size=req.batch_size,
+        opts=req.opts,
+        upstream_seeding=req.upstream_seeding,
+    )
+    job.validate(model.num_classes)
+    vae_src = find_vae(info.metadata, req.vae)
+    vae, _ = load_vae(vae_src, model.cfg.patch_nums)
+    check_pair(model.cfg, vae)
+    policy = None if req.dense else model.policy
+    prepare_out_dir(req.out_dir, job_record(job, source_id(req.model), source_id(vae_src), policy, dt), req.overwrite)
+    model.to(dev), vae.to(dev)
+    if req.compile:
+        compile_steps(model)
+    result = run_sample_job(model, vae, job, req.out_dir, dev, dt, policy, progress)
+    grid, npz = finish_outputs(job, req.out_dir, req.npz)
+    return {
+        "out_dir": str(result.out_dir),
+        "model": info.name,
+        "kind": info.kind,
+        "images": job.total,
+        "generated": result.generated,
+        "skipped": result.skipped,
+        "seconds": round(result.seconds, 3),
+        "images_per_s": round(result.images_per_s, 3),
+        "device": str(dev),
+        "dtype": dt,
+        "grid": str(grid) if grid else None,
+        "npz": str(npz) if npz else None,
+    }

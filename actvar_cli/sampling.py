@@ -19,8 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SparsityPolicy
+from .errors import ConfigError
 from .model import VAR
+from .policy import SparsityPolicy
+from .profiling import component
+from .sparse import GenerationState
 from .vqvae import VQVAE
 
 Rng = torch.Generator | Sequence[torch.Generator] | None
@@ -35,12 +38,21 @@ class SamplingOptions:
     top_p: float = 0.96
     more_smooth: bool = False
 
+    def validate(self) -> None:
+        if not (self.cfg >= 0 and self.cfg < float("inf")):
+            raise ConfigError(f"--cfg {self.cfg}: must be 0 or more", "upstream samples with 1.5")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k {self.top_k}: must be 0 (off) or more", "upstream samples with 900")
+        if not 0 <= self.top_p <= 1:
+            raise ConfigError(f"--top-p {self.top_p}: must be between 0 (off) and 1", "upstream samples with 0.96")
+
 
 @dataclass
 class Generation:
     f_hat: torch.Tensor  # B, Cvae, H, W (float32)
     tokens: list[torch.Tensor]  # per scale, B x pn*pn
-    logits: list[torch.Tensor] = field(default_factory=list)  # per scale, 2B x n x V (if asked)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per scale, rows x n x V (2B while guided; if asked)
+    guided: list[torch.Tensor] = field(default_factory=list)  # per scale, B x n x V: what sampling draws from
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -122,6 +134,20 @@ def _gumbel_soft(logits: torch.Tensor, tau: float, rng: Rng) -> torch.Tensor:
     return ((logits - noise.log()) / tau).softmax(-1)
 
 
+def _pick_tokens(guided_BlV: torch.Tensor, opts: SamplingOptions, rng: Rng, per_image: bool) -> torch.Tensor:
+    if per_image and not opts.more_smooth:
+        return sample_tokens_per_image(guided_BlV, opts.top_k, opts.top_p, rng)
+    filtered = filter_top_k_top_p(guided_BlV, opts.top_k, opts.top_p)
+    return sample_tokens(filtered, rng) if not per_image else _multinomial_per_row(filtered, rng)
+
+
+def _drop_unconditional_rows(cache: list, state: GenerationState, rows: int) -> None:
+    """Guidance turns off: from here on only the conditional rows run."""
+    for layer in cache:
+        layer.k, layer.v = layer.k[:rows], layer.v[:rows]
+    state.keep_rows(rows)
+
+
 @torch.no_grad()
 def generate(
     model: VAR,
@@ -131,40 +157,47 @@ def generate(
     rng: Rng = None,
     policy: SparsityPolicy | None = None,
     keep_logits: bool = False,
+    forced: list[torch.Tensor] | None = None,
+    state: GenerationState | None = None,
 ) -> Generation:
-    """Generate token pyramids for ``labels_B``; the model runs CFG rows [cond; uncond]."""
+    """Generate token pyramids for ``labels_B``; CFG rows are [cond; uncond] while guided.
+
+    ``policy`` may skip the last scales and turn guidance off at the last ones; ``forced``
+    tokens (per scale, B x n) replace sampling, so that two models can be compared on the
+    same pyramid."""
     B = labels_B.shape[0]
-    device = labels_B.device
     patch_nums = model.cfg.patch_nums
     SN = len(patch_nums)
-    quant = vae.quantize
-    Cvae, HW = quant.Cvae, patch_nums[-1]
-
-    label_2B = torch.cat((labels_B, torch.full_like(labels_B, model.num_classes)))
-    sos = cond_BD = model.class_emb(label_2B)
+    if policy is not None:
+        policy.check_runnable(model.cfg)
+    state = state or GenerationState(record_sublayers=policy is not None and policy.token_rule == "far-from-mean")
+    last = policy.generated_scales(SN) if policy is not None else SN
+    guided_until = SN - (policy.guidance_off if policy is not None else 0)
+    quant, Cvae, HW = vae.quantize, vae.quantize.Cvae, patch_nums[-1]
+    cond_BD = model.class_emb(torch.cat((labels_B, torch.full_like(labels_B, model.num_classes))))
     lvl_pos = model.lvl_pos()
     first = model.first_l
-    x = sos.unsqueeze(1).expand(2 * B, first, -1) + model.pos_start.expand(2 * B, first, -1) + lvl_pos[:, :first]
+    x = cond_BD.unsqueeze(1).expand(2 * B, first, -1) + model.pos_start.expand(2 * B, first, -1) + lvl_pos[:, :first]
     cache = model.new_cache()
-    f_hat = torch.zeros(B, Cvae, HW, HW, device=device, dtype=torch.float32)
-    tokens, kept_logits = [], []
+    f_hat = torch.zeros(B, Cvae, HW, HW, device=labels_B.device, dtype=torch.float32)
+    out = Generation(f_hat=f_hat, tokens=[])
     per_image = rng is not None and not isinstance(rng, torch.Generator)  # one generator per image
     cur = 0
-    for si, pn in enumerate(patch_nums):
-        ratio = si / (SN - 1)
+    for si in range(last):
+        pn, ratio = patch_nums[si], si / (SN - 1)
         cur += pn * pn
-        logits_2BlV = model.generation_step(x, cond_BD, si, cache, policy)
-        if keep_logits:
-            kept_logits.append(logits_2BlV.float())
+        if si == guided_until and x.shape[0] == 2 * B:
+            x, cond_BD = x[:B], cond_BD[:B]
+            _drop_unconditional_rows(cache, state, B)
+        logits = model.generation_step(x, cond_BD, si, cache, policy, state)
         t = opts.cfg * ratio
-        guided = ((1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]).float()
-        if per_image and not opts.more_smooth:
-            idx_Bl = sample_tokens_per_image(guided, opts.top_k, opts.top_p, rng)
-        else:
-            guided = filter_top_k_top_p(guided, opts.top_k, opts.top_p)
-            idx_Bl = sample_tokens(guided, rng) if not per_image else _multinomial_per_row(guided, rng)
-        tokens.append(idx_Bl)
-        with torch.autocast(device_type=device.type, enabled=False):
+        guided = ((1 + t) * logits[:B] - t * logits[B:]).float() if logits.shape[0] == 2 * B else logits.float()
+        if keep_logits:
+            out.logits.append(logits.float())
+            out.guided.append(guided)
+        idx_Bl = forced[si] if forced is not None else _pick_tokens(guided, opts, rng, per_image)
+        out.tokens.append(idx_Bl)
+        with torch.autocast(device_type=labels_B.device.type, enabled=False):
             if opts.more_smooth:  # visual smoothing only; never used for FID
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
                 h_BlC = _gumbel_soft(guided.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
@@ -172,17 +205,32 @@ def generate(
                 h_BlC = quant.embedding(idx_Bl)
             h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn).float()
             f_hat, next_map = quant.next_autoregressive_input(si, f_hat, h_BChw)
-        if si != SN - 1:
+        if si + 1 < last:
             nxt = next_map.view(B, Cvae, -1).transpose(1, 2)  # B, pn_next^2, Cvae
             x = model.word_embed(nxt) + lvl_pos[:, cur : cur + patch_nums[si + 1] ** 2]
-            x = x.repeat(2, 1, 1)
-    return Generation(f_hat=f_hat, tokens=tokens, logits=kept_logits)
+            x = x.repeat(2, 1, 1) if x.shape[0] * 2 == cond_BD.shape[0] else x
+    out.f_hat = f_hat
+    return out
+
+
+def compile_steps(model: VAR) -> VAR:
+    """``torch.compile`` each scale's step (a graph per scale and policy: the first batch pays the
+    compile time). With the grouped expert kernel a sparse step is one graph with no host sync."""
+    import torch._dynamo
+
+    limit = 4 * len(model.cfg.patch_nums)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 4 * limit
+    )
+    model.generation_step = torch.compile(model.generation_step, dynamic=False)
+    return model
 
 
 @torch.no_grad()
 def decode_images(vae: VQVAE, f_hat: torch.Tensor) -> torch.Tensor:
     """f_hat to images (B, 3, H, W) in [0, 1], in float32."""
-    with torch.autocast(device_type=f_hat.device.type, enabled=False):
+    with torch.autocast(device_type=f_hat.device.type, enabled=False), component("decode"):
         return vae.fhat_to_img(f_hat.float()).add(1).mul(0.5)
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .config import VAEConfig
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class Upsample2x(nn.Module):
@@ -38,11 +38,11 @@ class Downsample2x(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.norm1 = _group_norm(in_ch)
+        self.norm1 = _group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _group_norm(out_ch)
+        self.norm2 = _group_norm(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=3, stride=1, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else nn.Identity()
 
@@ -55,9 +55,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions of a feature map."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.norm = _group_norm(ch)
+        self.norm = _group_norm(ch, groups)
         self.qkv = nn.Conv2d(ch, 3 * ch, kernel_size=1)
         self.proj_out = nn.Conv2d(ch, ch, kernel_size=1)
 
@@ -77,7 +77,7 @@ class _Level(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, mult = cfg.ch, cfg.ch_mult
+        ch, mult, g = cfg.ch, cfg.ch_mult, cfg.norm_groups
         self.num_res_blocks = cfg.num_res_blocks
         self.conv_in = nn.Conv2d(3, ch, kernel_size=3, stride=1, padding=1)
         in_mult = (1,) + tuple(mult)
@@ -89,18 +89,18 @@ class Encoder(nn.Module):
             level.attn = nn.ModuleList()
             block_in = ch * in_mult[i]
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(block_in, ch * m))
+                level.block.append(ResnetBlock(block_in, ch * m, g))
                 block_in = ch * m
                 if i == len(mult) - 1:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, g))
             if i != len(mult) - 1:
                 level.downsample = Downsample2x(block_in)
             self.down.append(level)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in)
-        self.norm_out = _group_norm(block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, g)
+        self.mid.attn_1 = AttnBlock(block_in, g)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, g)
+        self.norm_out = _group_norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,28 +119,28 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, mult = cfg.ch, cfg.ch_mult
+        ch, mult, g = cfg.ch, cfg.ch_mult, cfg.norm_groups
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, g)
+        self.mid.attn_1 = AttnBlock(block_in, g)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, g)
         levels = []
         for i in reversed(range(len(mult))):
             level = _Level()
             level.block = nn.ModuleList()
             level.attn = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, ch * mult[i]))
+                level.block.append(ResnetBlock(block_in, ch * mult[i], g))
                 block_in = ch * mult[i]
                 if i == len(mult) - 1:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, g))
             if i != 0:
                 level.upsample = Upsample2x(block_in)
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = _group_norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, 3, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -199,17 +199,13 @@ class VectorQuantizer(nn.Module):
         B, C, H, W = f_BChw.shape
         f_rest = f_BChw.detach().clone()
         SN = len(self.patch_nums)
-        emb = self.embedding.weight.data
-        emb_sq = emb.square().sum(dim=1)
         out = []
         for si, pn in enumerate(self.patch_nums):
             if si != SN - 1:
                 z_NC = F.interpolate(f_rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
             else:
                 z_NC = f_rest.permute(0, 2, 3, 1).reshape(-1, C)
-            d = torch.sum(z_NC.square(), dim=1, keepdim=True) + emb_sq
-            d.addmm_(z_NC, emb.T, alpha=-2, beta=1)  # N, V squared distances
-            idx_N = torch.argmin(d, dim=1)
+            idx_N = self.nearest(z_NC)
             idx_Bhw = idx_N.view(B, pn, pn)
             h_BChw = self.embedding(idx_Bhw).permute(0, 3, 1, 2)
             if si != SN - 1:
@@ -217,6 +213,39 @@ class VectorQuantizer(nn.Module):
             f_rest.sub_(self.phi(si)(h_BChw.contiguous()))
             out.append(idx_N.reshape(B, pn * pn))
         return out
+
+    def forward(self, f_BChw: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass (upstream's ``VectorQuantizer2.forward``): quantise scale by scale.
+
+        Returns f_hat with a straight-through gradient to f, the VQ loss (codebook plus
+        ``beta`` times commitment, averaged over scales) and the codes used, (SN, B*hw) flat.
+        """
+        B, C, H, W = f_BChw.shape
+        f = f_BChw.float()
+        f_rest = f.detach().clone()
+        f_hat = torch.zeros_like(f_rest)
+        loss = f.new_zeros(())
+        SN = len(self.patch_nums)
+        used = []
+        for si, pn in enumerate(self.patch_nums):
+            last = si == SN - 1
+            rest = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            idx_N = self.nearest(rest.permute(0, 2, 3, 1).reshape(-1, C))
+            h = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
+            h = h if last else F.interpolate(h, size=(H, W), mode="bicubic")
+            h = self.phi(si)(h.contiguous())
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            loss = loss + F.mse_loss(f_hat.detach(), f) * beta + F.mse_loss(f_hat, f.detach())
+            used.append(idx_N)
+        return (f_hat.detach() - f.detach()) + f, loss / SN, torch.cat(used)
+
+    def nearest(self, z_NC: torch.Tensor) -> torch.Tensor:
+        """Index of the closest code (squared Euclidean distance) for each row."""
+        emb = self.embedding.weight.detach()
+        d = torch.sum(z_NC.square(), dim=1, keepdim=True) + emb.square().sum(dim=1)
+        d.addmm_(z_NC, emb.T, alpha=-2, beta=1)  # N, V squared distances
+        return torch.argmin(d, dim=1)
 
     def idx_to_var_input(self, idx_Bl: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing input (B, L - first_l, Cvae): the accumulated f_hat downsampled to each next scale."""

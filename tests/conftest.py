@@ -25,9 +25,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def pytest_configure(config):
-    if not PARITY.exists():
-        raise pytest.UsageError(f"parity fixture not found at {PARITY} (set ACTVAR_SHARED to the shared/ folder)")
+    config.addinivalue_line("markers", "shared: needs the fixtures in ../shared (skipped when they are missing)")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need ../shared are skipped, not the whole session aborted, when it is missing."""
+    if PARITY.exists() and SHAPES.exists():
+        return
+    skip = pytest.mark.skip(reason=f"shared fixtures not found at {SHARED} (set ACTVAR_SHARED)")
+    for item in items:
+        if "shared" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +47,14 @@ def _isolated_hub(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("ACTVAR_CACHE", str(tmp_path_factory.getbasetemp() / "actvar-cache"))
     yield
 
 
 @pytest.fixture(scope="session")
 def ref():
+    if not PARITY.exists():
+        pytest.skip("parity fixture missing")
     with np.load(PARITY / "reference.npz") as z:
         return {k: z[k] for k in z.files}
 
@@ -50,6 +62,8 @@ def ref():
 @pytest.fixture(scope="session")
 def d2():
     """(VAR, VQVAE) of the parity fixture."""
+    if not PARITY.exists():
+        pytest.skip("parity fixture missing")
     from actvar_cli.checkpoint import load_vae, load_var
 
     var, _ = load_var(PARITY / "var_d2.pth")

@@ -39,6 +39,7 @@ class FakeHub:
         self.ranges: list[str] = []  # Range headers seen (resumed downloads)
         self.drop_once: dict[str, int] = {}  # file name -> bytes sent before the first GET breaks off
         self.lock = threading.Lock()
+        self.fail_uploads = False  # answer commits with 403, as the Hub does without write access
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -188,6 +189,8 @@ class FakeHub:
                         },
                     )
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/commit/([^/]+)$", path)
+                if m and hub.fail_uploads:
+                    return self._json(403, {"error": "You don't have the rights to push to this repository"})
                 if m:
                     repo = hub.repos.setdefault(m.group(1), Repo())
                     for line in body.decode().splitlines():

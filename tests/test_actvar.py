@@ -13,12 +13,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from actvar_cli import routing
 from actvar_cli.checkpoint import load_var
-from actvar_cli.config import SparsityPolicy
 from actvar_cli.conversion import MoefyOptions, moefy
 from actvar_cli.errors import ConfigError
 from actvar_cli.flops import count_flops
 from actvar_cli.model import LayerCache
+from actvar_cli.policy import ScalePlan, SparsityPolicy
 from actvar_cli.sampling import SamplingOptions, decode_images, generate, image_generators
+from actvar_cli.sparse import GenerationState, block_generate
+
+pytestmark = pytest.mark.shared  # uses ../shared/fixtures
 
 FULL = SparsityPolicy(token_rates=(1.0,), weight_rates=(1.0,))
 
@@ -34,6 +37,7 @@ def converted(d2):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["cluster", "contiguous", "coactivation"])
 def test_full_activation_reproduces_upstream(converted, d2, ref, split):
     model = converted[split]
@@ -47,6 +51,11 @@ def test_full_activation_reproduces_upstream(converted, d2, ref, split):
     np.testing.assert_allclose(decode_images(vae, gen.f_hat).numpy(), ref["greedy_cfg1.5_img"], atol=1e-3)
 
 
+def plan(n, keep_tokens, keep_experts, rule="selector", threshold=None):
+    return ScalePlan(tokens=n, keep_tokens=keep_tokens, token_rule=rule, keep_experts=keep_experts,
+                     threshold=threshold, guided=True)  # fmt: skip
+
+
 def test_sparse_kernels_at_full_activation_equal_dense_block(converted):
     block = converted["cluster"].blocks[1]
     torch.manual_seed(0)
@@ -57,26 +66,32 @@ def test_sparse_kernels_at_full_activation_equal_dense_block(converted):
         c.append(past.clone(), past.clone())
     with torch.no_grad():
         dense = block(x, cond, None, caches[0])
-        sparse = block.forward_sparse(x, cond, caches[1], keep_tokens=25, keep_experts=16)
+        state = GenerationState(record_sublayers=True)  # forces the sparse path even where all is kept
+        sparse_out = block_generate(block, x, cond, caches[1], plan(25, 25, 16), state, 1, 9)
         h = torch.randn(30, 128)
-        all_experts = routing.experts_forward(block.ffn, h, torch.arange(16).repeat(30, 1))
-        torch.testing.assert_close(all_experts, block.ffn(h), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+        for kernel in ("loop", "grouped"):
+            pairs = routing.topk_pairs(torch.arange(16).repeat(30, 1), 16)
+            torch.testing.assert_close(
+                routing.experts_forward(block.ffn, h, pairs, kernel), block.ffn(h), atol=1e-5, rtol=1e-5
+            )
+    torch.testing.assert_close(sparse_out, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].k, caches[0].k)
 
 
-def test_experts_forward_computes_only_the_chosen_experts(converted):
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_experts_forward_computes_only_the_chosen_experts(converted, kernel):
     ffn = converted["cluster"].blocks[0].ffn
     torch.manual_seed(1)
     h = torch.randn(40, 128)
     chosen = routing.route(ffn.router(h), 12)
     d_e = 512 // 16
     mask = torch.zeros(40, 16).scatter_(1, chosen, 1.0).repeat_interleave(d_e, dim=1)  # 40, F
+    pairs = routing.topk_pairs(chosen, 16)
     with torch.no_grad():
         expected = torch.nn.functional.linear(ffn.act(ffn.fc1(h)) * mask, ffn.fc2.weight, ffn.fc2.bias)
-        torch.testing.assert_close(routing.experts_forward(ffn, h, chosen), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(routing.experts_forward(ffn, h, pairs, kernel), expected, atol=1e-5, rtol=1e-5)
         with FlopCounterMode(display=False) as fc:
-            routing.experts_forward(ffn, h, chosen)
+            routing.experts_forward(ffn, h, pairs, kernel)
     assert fc.get_total_flops() == 4 * 40 * 12 * d_e * 128  # two GEMMs, chosen experts only
 
 
@@ -104,7 +119,7 @@ def test_skipped_tokens_pass_through_unchanged(converted):
     block = converted["cluster"].blocks[0]
     x, cond = torch.randn(2, 16, 128), torch.randn(2, 128)
     with torch.no_grad():
-        y = block.forward_sparse(x, cond, LayerCache(), keep_tokens=4, keep_experts=8)
+        y = block_generate(block, x, cond, LayerCache(), plan(16, 4, 8), GenerationState(), 0, 9)
     unchanged = (y == x).all(-1)  # B, n
     assert unchanged.sum(1).tolist() == [12, 12]
 
@@ -126,6 +141,7 @@ def test_policy_errors():
         moefy(dense, None, MoefyOptions(policy=SparsityPolicy(scales=(11,), token_rates=(0.5,)), calib_images=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [None, SparsityPolicy(), SparsityPolicy(scales=(7, 8, 10), token_rates=(0.5,))])
 def test_analytic_flops_match_torch_flop_counter(converted, d2, policy):
     model = converted["cluster"]
@@ -140,6 +156,7 @@ def test_analytic_flops_match_torch_flop_counter(converted, d2, policy):
     assert abs(fc.get_total_flops() - expected) / expected < 0.01, (fc.get_total_flops(), expected)
 
 
+@pytest.mark.slow
 def test_moefy_cli_writes_self_describing_safetensors(run_cli, tmp_path, ref):
     out = tmp_path / "actvar.safetensors"
     r = run_cli(

@@ -9,9 +9,11 @@ from conftest import PARITY
 from actvar_cli.checkpoint import load_vae, load_var, read_state_dict, save_model
 from actvar_cli.errors import CheckpointError
 
+pytestmark = pytest.mark.shared  # uses ../shared/fixtures
+
 
 def test_official_file_loads_with_its_buffers_strictly():
-    sd, _ = read_state_dict(PARITY / "var_d2.pth")
+    sd, _, _ = read_state_dict(PARITY / "var_d2.pth")
     assert {"lvl_1L", "attn_bias_for_masking", "blocks.0.attn.zero_k_bias"} <= set(sd)
     model, info = load_var(PARITY / "var_d2.pth")
     assert info.kind == "var" and info.format == "pth"
@@ -26,7 +28,7 @@ def test_vae_buffer_is_accepted():
 
 
 def test_unexpected_key_is_an_error(tmp_path):
-    sd, _ = read_state_dict(PARITY / "var_d2.pth")
+    sd, _, _ = read_state_dict(PARITY / "var_d2.pth")
     sd["blocks.0.surprise"] = torch.zeros(3)
     torch.save(sd, tmp_path / "extra.pth")
     with pytest.raises(CheckpointError, match="does not match"):
@@ -34,7 +36,7 @@ def test_unexpected_key_is_an_error(tmp_path):
 
 
 def test_missing_derivable_buffers_are_rebuilt(tmp_path):
-    sd, _ = read_state_dict(PARITY / "var_d2.pth")
+    sd, _, _ = read_state_dict(PARITY / "var_d2.pth")
     full = {k: v.clone() for k, v in sd.items()}
     for k in ("lvl_1L", "attn_bias_for_masking"):
         del sd[k]
@@ -115,4 +117,4 @@ def test_tiny_model_is_deterministic():
     b, _ = load_var("tiny")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
-    assert a.cfg.depth == 4
+    assert a.cfg.depth == 6 and a.cfg.num_classes == 10  # the trained reference model

@@ -14,9 +14,9 @@ import yaml
 from conftest import ROOT
 from PIL import Image
 
-from actvar_cli.checkpoint import load_vae, load_var, save_model, stored_json
-from actvar_cli.distill import DistillJob, run_distillation
-from actvar_cli.metrics import routing_agreement, teacher_agreement
+from actvar_cli.agreement import routing_agreement, teacher_agreement
+from actvar_cli.checkpoint import load_vae, load_var, save_model, stored_json, user_metadata
+from actvar_cli.distill import DistillJob, StepDone, run_distillation
 from actvar_cli.recipes import RECIPE_DIR, Recipe, load_recipe
 from actvar_cli.sampling import SamplingOptions
 
@@ -43,10 +43,7 @@ def untrained(tiny_actvar, tmp_path_factory):
             layer.weight.data = torch.randn(layer.weight.shape, generator=g) * 0.02
             layer.bias.data.zero_()
     path = tmp_path_factory.mktemp("untrained") / "untrained.safetensors"
-    meta = {
-        k: v for k, v in info.metadata.items() if k not in ("format", "format_version", "kind", "var_config", "policy")
-    }
-    save_model(model, path, meta)
+    save_model(model, path, user_metadata(info.metadata))
     return path
 
 
@@ -67,7 +64,9 @@ def test_stage1_raises_routing_and_selection_agreement(untrained, stage1):
     # at 75% rates chance agreement is 0.75: the untrained model sits there
     assert after["router_agreement"] > before["router_agreement"] + 0.05
     assert after["selector_agreement"] > before["selector_agreement"] + 0.015
-    assert after["dis_w"] < 0.9 * before["dis_w"] and after["dis_t"] < before["dis_t"]
+    # the selector's own loss (dis_t) is not asserted: on the reference model it rises (0.64 -> 0.75 at
+    # 60 steps) while the selection it scores agrees more with the teacher's; the agreement is the claim
+    assert after["dis_w"] < 0.9 * before["dis_w"]
     trained, _ = load_var(out / "model.safetensors")
     untouched = dict(load_var(untrained)[0].named_parameters())
     for name, p in trained.named_parameters():  # stage 1 changes routers and selectors only
@@ -82,7 +81,7 @@ def test_stage1_raises_routing_and_selection_agreement(untrained, stage1):
 def test_stage2_lowers_kl_to_teacher(stage1, tmp_path):
     out1, _ = stage1
     run_distillation(
-        DistillJob(stage=2, model=str(out1 / "model.safetensors"), out_dir=tmp_path, recipe=tiny_recipe(),
+        DistillJob(stage=2, model=str(out1 / "model.safetensors"), out_dir=tmp_path, recipe=tiny_recipe(global_batch=8),
                    batch_size=8, max_steps=40)
     )  # fmt: skip
     like_training = SamplingOptions(cfg=tiny_recipe().teacher_cfg)  # held-out pyramids drawn as training ones
@@ -109,6 +108,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_actvar, tmp_path):
     recipe = tiny_recipe(checkpoint_every=2, global_batch=8)
 
@@ -119,11 +119,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_actvar, tmp
     run_distillation(job(tmp_path / "straight"))
 
     def crash(ev):
-        if ev.get("event") == "step" and ev["step"] == 3:
+        if isinstance(ev, StepDone) and ev.step == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_distillation(job(tmp_path / "broken"), on_step=crash)
+        run_distillation(job(tmp_path / "broken"), on_event=crash)
     assert not (tmp_path / "broken" / "model.safetensors").exists()
     summary = run_distillation(job(tmp_path / "broken", resume=True))
     assert summary["resumed_from_step"] == 2
@@ -135,6 +135,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_actvar, tmp
     assert steps == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_image_folder_data_is_encoded_once_into_a_token_cache(tiny_actvar, tmp_path):
     rng = np.random.default_rng(0)
     for c in ("n01440764", "n01443537"):
@@ -149,7 +150,7 @@ def test_image_folder_data_is_encoded_once_into_a_token_cache(tiny_actvar, tmp_p
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["images"] == 6 and meta["classes"] == ["n01440764", "n01443537"]
     tokens = np.load(cache / "tokens.npy")
-    assert tokens.shape == (6, 680) and tokens.max() < 4096
+    assert tokens.shape == (6, 155) and tokens.max() < 1024
     assert sorted(np.load(cache / "labels.npy").tolist()) == [0, 0, 0, 1, 1, 1]
     assert "token cache" in summary["data"]
     again = run_distillation(
@@ -187,6 +188,7 @@ def test_unknown_recipe_key(tmp_path, run_cli, tiny_actvar):
     assert "unknown key(s) learning_rate" in r.stderr
 
 
+@pytest.mark.slow
 def test_flags_override_recipe_keys(tmp_path, run_cli, tiny_actvar):
     r = run_cli(
         "distill-stage1", tiny_actvar, "--config", "tiny", "--max-steps", "1", "--batch-size", "2",
@@ -216,7 +218,7 @@ def test_accelerate_launch_with_two_processes(tiny_actvar, tmp_path, stage):
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln.lower())[:3000]
     _, info = load_var(tmp_path / "model.safetensors")
     assert json.loads(info.metadata["num_processes"]) == 2
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -33,7 +33,7 @@ def test_download_into_cache_then_offline(run_cli, hub, monkeypatch):
     again = paths_of(run_cli("download", "d16", "--json"))
     assert again["d16"][0].read_bytes() == PAYLOAD
     r = run_cli("download", "d20", expect=2)
-    assert "not in the local cache" in r.stderr and "offline" in r.stderr
+    assert "not in the local cache" in r.stderr and "HF_HUB_OFFLINE" in r.stderr
 
 
 def test_offline_flag_and_uncached_file(run_cli, hub):
@@ -66,6 +66,7 @@ def test_missing_things(run_cli, hub):
     assert "not a model name" in run_cli("download", "what/is/this", expect=2).stderr
 
 
+@pytest.mark.shared
 def test_cached_official_names_work_as_model_arguments(run_cli, hub, monkeypatch):
     from conftest import PARITY
 

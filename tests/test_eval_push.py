@@ -8,7 +8,7 @@ import torch
 from fakehub import FakeHub
 from PIL import Image
 
-from actvar_cli.metrics import INCEPTION_FILE
+from actvar_cli.fidelity import INCEPTION_FILE
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_against_the_teacher(run_cli, tiny_actvar, tmp_path):
     r = run_cli(
         "eval", tiny_actvar, "--teacher", "auto", "--num", "4", "--batch-size", "4", "--out", tmp_path, "--json"
@@ -40,7 +41,7 @@ def test_eval_against_the_teacher(run_cli, tiny_actvar, tmp_path):
     assert res["teacher"] == "tiny"
     assert 0 <= res["token_agreement"] <= 1 and res["logit_kl"] > 0 and res["psnr_db"] > 0
     sparse = [s for s in res["per_scale"] if s["sparse"]]
-    assert [s["scale"] for s in sparse] == [9, 10]
+    assert [s["scale"] for s in sparse] == [6, 7]  # the reference model's last two scales
     assert res["token_agreement"] == pytest.approx(np.mean([s["token_agreement"] for s in sparse]))
     dense_scales = [s for s in res["per_scale"] if not s["sparse"]]
     assert all(s["token_agreement"] == 1.0 and s["logit_kl"] < 1e-6 for s in dense_scales)
@@ -52,7 +53,8 @@ def test_eval_against_the_teacher(run_cli, tiny_actvar, tmp_path):
 
 
 @pytest.mark.slow
-def test_fid_is_prc_against_a_folder_and_an_adm_batch(run_cli, tiny_actvar, inception_weights, tmp_path):
+def test_fid_is_prc_against_a_folder_and_an_adm_batch(run_cli, tiny_actvar, inception_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTVAR_CACHE", str(tmp_path / "actvar-cache"))
     rng = np.random.default_rng(0)
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -60,7 +62,7 @@ def test_fid_is_prc_against_a_folder_and_an_adm_batch(run_cli, tiny_actvar, ince
     for i, img in enumerate(arr):
         Image.fromarray(img).save(ref_dir / f"{i}.png")
     np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=arr)
-    args = ["--classes", "0-3", "--num-per-class", "3", "--batch-size", "6", "--inception-weights", inception_weights]
+    args = ["--classes", "0-3", "--num", "12", "--batch-size", "6", "--inception-weights", inception_weights]
     for ref in (ref_dir, tmp_path / "VIRTUAL_ref.npz"):
         out = tmp_path / f"eval-{ref.stem}"
         r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--is", "--prc", "--ref", ref, *args, "--out", out,
@@ -69,9 +71,10 @@ def test_fid_is_prc_against_a_folder_and_an_adm_batch(run_cli, tiny_actvar, ince
         assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["inception_score"] > 0
         assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
         with np.load(out / "samples" / "samples.npz") as z:
-            assert z["arr_0"].shape == (12, 256, 256, 3)
-    assert list((ref_dir / ".actvar-fidelity-cache").iterdir())  # reference statistics cached next to it
-    assert list((tmp_path / ".actvar-fidelity-cache").iterdir())
+            assert z["arr_0"].shape == (12, 32, 32, 3)
+    cached = sorted(p.name for p in (tmp_path / "actvar-cache" / "fidelity").iterdir())
+    assert len(cached) == 2 and all(name.endswith(".npz") for name in cached)  # reference features, no pickles
+    assert not (ref_dir / ".actvar-fidelity-cache").exists()
 
 
 def test_fid_without_inception_weights_is_a_clear_error(run_cli, tiny_actvar, tmp_path, monkeypatch):
@@ -80,11 +83,11 @@ def test_fid_without_inception_weights_is_a_clear_error(run_cli, tiny_actvar, tm
     ref = tmp_path / "ref"
     ref.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(ref / "a.png")
-    r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--ref", ref, "--classes", "0", "--num-per-class", "1",
+    r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--ref", ref, "--classes", "0", "--num", "1",
                 "--out", tmp_path / "o", expect=2)  # fmt: skip
     assert INCEPTION_FILE in r.stderr and "--inception-weights" in r.stderr
     r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--out", tmp_path / "o", expect=2)
-    assert "need reference images" in r.stderr
+    assert "--fid and --prc need reference images" in r.stderr
 
 
 def test_push_dry_run_writes_model_config_and_card(run_cli, tiny_actvar, tmp_path):
@@ -95,12 +98,13 @@ def test_push_dry_run_writes_model_config_and_card(run_cli, tiny_actvar, tmp_pat
     card = (tmp_path / "card" / "README.md").read_text()
     header = card.split("---")[1]
     assert "base_model: FoundationVision/var" in header and "library_name: actvar" in header and "actvar" in header
-    assert "| 9 | 0.75 | 0.75 |" in card and "saved" in card and "| fid | 3.5 |" in card
+    assert "| 6 | 0.75 | 0.75 |" in card and "saved" in card and "| fid | 3.5 |" in card
     assert "actvar download me/actvar-tiny" in card
     config = json.loads((tmp_path / "card" / "config.json").read_text())
-    assert config["experts"] == 16 and config["policy"]["scales"] == [9, 10]
+    assert config["experts"] == 16 and config["policy"]["scales"] == [6, 7]
 
 
+@pytest.mark.slow
 def test_push_to_the_hub_then_download_and_sample(run_cli, tiny_actvar, tmp_path, monkeypatch):
     with FakeHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -117,6 +121,7 @@ def test_push_to_the_hub_then_download_and_sample(run_cli, tiny_actvar, tmp_path
         assert report["kind"] == "actvar"
 
 
+@pytest.mark.shared
 def test_push_refuses_a_dense_model(run_cli, tmp_path):
     from conftest import PARITY
 
@@ -142,7 +147,7 @@ def test_eval_sampling_is_sharded_over_accelerate_processes(tiny_actvar, incepti
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "actvar_cli", "eval", str(tiny_actvar), "--vae", "tiny",
-        "--fid", "--is", "--ref", str(ref), "--classes", "0-2", "--num-per-class", "2", "--batch-size", "2",
+        "--fid", "--is", "--ref", str(ref), "--classes", "0-2", "--num", "6", "--batch-size", "2",
         "--inception-weights", str(inception_weights), "--out", str(tmp_path / "eval"), "--json",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

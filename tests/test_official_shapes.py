@@ -10,6 +10,8 @@ from actvar_cli.config import VAEConfig, infer_vae_config, infer_var_config, off
 from actvar_cli.model import VAR
 from actvar_cli.vqvae import VQVAE
 
+pytestmark = pytest.mark.shared  # uses ../shared/fixtures
+
 OFFICIAL = json.loads(SHAPES.read_text())
 
 

@@ -1,10 +1,13 @@
 """Our VAR and VQVAE compute what upstream computes (fixture: ../shared/fixtures/var-parity-d2)."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import LABELS
 
 from actvar_cli.sampling import SamplingOptions, decode_images, generate
+
+pytestmark = pytest.mark.shared  # uses ../shared/fixtures
 
 IMG_TOL = 1e-3
 LOGIT_TOL = 1e-3
@@ -21,6 +24,7 @@ def test_teacher_forcing_input_and_logits(d2, ref):
     np.testing.assert_allclose(logits[:, ::7].numpy(), ref["teacher_forcing_logits_every7"], atol=LOGIT_TOL)
 
 
+@pytest.mark.slow
 def test_greedy_generation_tokens_and_images(d2, ref):
     var, vae = d2
     gen = generate(var, vae, torch.tensor(LABELS), SamplingOptions(cfg=1.5, top_k=1, top_p=0.0))
@@ -30,6 +34,7 @@ def test_greedy_generation_tokens_and_images(d2, ref):
     np.testing.assert_allclose(img.numpy(), ref["greedy_cfg1.5_img"], atol=IMG_TOL)
 
 
+@pytest.mark.slow
 def test_seeded_top_k_top_p_generation_with_upstream_rng(d2, ref):
     var, vae = d2
     rng = torch.Generator().manual_seed(1234)
@@ -38,6 +43,7 @@ def test_seeded_top_k_top_p_generation_with_upstream_rng(d2, ref):
     np.testing.assert_allclose(img.numpy(), ref["seeded_k900_p0.96_cfg1.5_seed1234_img"], atol=IMG_TOL)
 
 
+@pytest.mark.slow
 def test_encoder_tokens(d2, ref):
     _, vae = d2
     with torch.no_grad():
@@ -46,6 +52,7 @@ def test_encoder_tokens(d2, ref):
         assert torch.equal(tok, torch.from_numpy(ref[f"encode_tokens_s{si}"])), f"scale {si}"
 
 
+@pytest.mark.slow
 def test_decoding_the_greedy_tokens_gives_the_greedy_images(d2, ref):
     _, vae = d2
     tokens = [torch.from_numpy(ref[f"greedy_tokens_s{i}"]) for i in range(10)]

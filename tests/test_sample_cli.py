@@ -1,4 +1,4 @@
-"""`actvar sample` reproduces upstream and keeps each image's randomness tied to (seed, index)."""
+"""`actvar sample` reproduces upstream, and image i is always made in the same canonical batch."""
 
 import subprocess
 import sys
@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import LABELS, PARITY
 
+from actvar_cli.errors import OutputError
 from actvar_cli.images import load_png, png_name
-from actvar_cli.sample_job import SampleJob, run_sample_job
+from actvar_cli.sample_job import SampleJob, job_record, prepare_out_dir, run_sample_job
 from actvar_cli.sampling import SamplingOptions
+
+pytestmark = pytest.mark.shared  # uses ../shared/fixtures
 
 VAR = PARITY / "var_d2.pth"
 VAE = PARITY / "vae_ch32v4096z32.pth"
@@ -20,6 +23,7 @@ def ref_uint8(ref, key):
     return (ref[key] * 255 + 0.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+@pytest.mark.slow
 def test_greedy_sample_reproduces_fixture(run_cli, ref, tmp_path):
     out = tmp_path / "greedy"
     run_cli(
@@ -35,6 +39,7 @@ def test_greedy_sample_reproduces_fixture(run_cli, ref, tmp_path):
     assert (out / "grid.png").exists()
 
 
+@pytest.mark.slow
 def test_upstream_seeding_reproduces_seeded_fixture(run_cli, ref, tmp_path):
     out = tmp_path / "seeded"
     run_cli(
@@ -46,34 +51,62 @@ def test_upstream_seeding_reproduces_seeded_fixture(run_cli, ref, tmp_path):
     assert diff.max() <= 1
 
 
-def job(batch_size):
-    return SampleJob(classes=[0, 7], num_per_class=3, seed=5, batch_size=batch_size, opts=SamplingOptions())
+def job(batch_size, num_per_class=3, seed=5):
+    return SampleJob.blocks([0, 7], num_per_class, seed=seed, batch_size=batch_size, opts=SamplingOptions())
 
 
 def read_all(out, j):
     return np.stack([load_png(out / png_name(i, j.label(i))) for i in range(j.total)])
 
 
+def make(model, vae, j, out, rank=0, world=1, overwrite=False):
+    prepare_out_dir(out, job_record(j, "model", "vae", None, "fp32"), overwrite)
+    return run_sample_job(model, vae, j, out, torch.device("cpu"), rank=rank, world=world)
+
+
 @pytest.mark.slow
-def test_per_image_randomness_ignores_batching_sharding_and_resume(d2, tmp_path):
+def test_sharded_and_resumed_runs_write_the_images_of_one_uninterrupted_run(d2, tmp_path):
+    """For a given batch size, image i is always made in the same canonical batch."""
     var, vae = d2
-    cpu = torch.device("cpu")
-    run_sample_job(var, vae, job(6), tmp_path / "a", cpu)
-    base = read_all(tmp_path / "a", job(6))
+    make(var, vae, job(4), tmp_path / "a")  # canonical batches: images 0-3 and 4-5
+    base = read_all(tmp_path / "a", job(4))
     assert len({img.tobytes() for img in base}) == 6  # different images
 
-    run_sample_job(var, vae, job(4), tmp_path / "b", cpu)  # other batch size
-    assert np.abs(read_all(tmp_path / "b", job(4)).astype(int) - base).max() <= 1
-
     for rank in (1, 0):  # two "processes", one folder
-        run_sample_job(var, vae, job(2), tmp_path / "c", cpu, rank=rank, world=2)
-    assert np.abs(read_all(tmp_path / "c", job(2)).astype(int) - base).max() <= 1
+        make(var, vae, job(4), tmp_path / "b", rank=rank, world=2)
+    assert np.array_equal(read_all(tmp_path / "b", job(4)), base)
 
-    victim = tmp_path / "a" / png_name(4, 7)
-    victim.unlink()
-    result = run_sample_job(var, vae, job(6), tmp_path / "a", cpu)  # resume
+    (tmp_path / "a" / png_name(4, 7)).unlink()
+    result = make(var, vae, job(4), tmp_path / "a")  # resume: batch 1 is made again, one file written
     assert (result.generated, result.skipped) == (1, 5)
-    assert np.abs(read_all(tmp_path / "a", job(6)).astype(int) - base).max() <= 1
+    assert np.array_equal(read_all(tmp_path / "a", job(4)), base)
+
+
+@pytest.mark.slow
+def test_a_folder_with_another_runs_images_is_refused(d2, tmp_path):
+    var, vae = d2
+    make(var, vae, job(4, num_per_class=1), tmp_path)
+    with pytest.raises(OutputError, match="differs in seed"):
+        make(var, vae, job(4, num_per_class=1, seed=6), tmp_path)
+    with pytest.raises(OutputError, match="differs in batch_size"):
+        make(var, vae, job(2, num_per_class=1), tmp_path)
+    result = make(var, vae, job(4, num_per_class=1, seed=6), tmp_path, overwrite=True)
+    assert (result.generated, result.skipped) == (2, 0)
+
+
+@pytest.mark.slow
+def test_extending_a_partial_batch_makes_its_images_again(d2, tmp_path):
+    var, vae = d2
+    make(var, vae, SampleJob([0, 7, 42], seed=1, batch_size=2), tmp_path)  # batches {0, 1}, {2}
+    result = make(var, vae, SampleJob([0, 7, 42, 3], seed=1, batch_size=2), tmp_path)  # image 2 now has a companion
+    assert (result.generated, result.skipped) == (2, 2)
+
+
+@pytest.mark.slow
+def test_sample_cli_refuses_another_runs_folder(run_cli, tmp_path):
+    run_cli("sample", VAR, "--vae", VAE, "--classes", "0", "--out", tmp_path)
+    r = run_cli("sample", VAR, "--vae", VAE, "--classes", "0", "--seed", "9", "--out", tmp_path, expect=2)
+    assert "holds images of another run (it differs in seed)" in r.stderr and "--overwrite" in r.stderr
 
 
 def test_class_out_of_range(run_cli, tmp_path):
@@ -95,6 +128,7 @@ def test_vae_and_var_swapped(run_cli, tmp_path):
     assert "is a VAR model, not a VQVAE" in r.stderr
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_without_traceback_and_debug_shows_it(tmp_path):
     args = ["sample", str(tmp_path / "nope.pth"), "--vae", str(VAE), "--out", str(tmp_path)]
     cmd = [sys.executable, "-m", "actvar_cli", *args]

@@ -1,38 +1,19 @@
-"""Seeded random models in the official format: the built-in tiny model, and any official
-architecture with random weights (for benchmarks and dry runs without a download).
+"""Seeded random weights for any architecture: benchmarks and dry runs without a download.
 
-The tiny model lets every command run at once, with no download and no GPU
-(``actvar sample tiny``). Weights are deterministic (a fixed-seed CPU generator fills them
-in name order) and scaled so that every parameter matters and the token distributions are
-far from uniform, which gives distillation something real to recover.
+Timing does not depend on the weights, so ``bench --arch`` and ``random-weights`` use these.
+Each tensor is scaled by its role so that every parameter matters and token distributions
+are far from uniform (a peaked head, unit-scale embeddings).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from .config import PATCH_NUMS_256, VAEConfig, VARConfig
-
-TINY_VAR_CONFIG = VARConfig(
-    depth=4,
-    embed_dim=128,
-    num_heads=4,
-    num_classes=1000,
-    vocab_size=4096,
-    vae_dim=32,
-    patch_nums=PATCH_NUMS_256,
-    shared_aln=False,
-    attn_l2_norm=True,
-)
-TINY_VAE_CONFIG = VAEConfig(ch=32, vocab_size=4096, z_channels=32, patch_nums=PATCH_NUMS_256)
-TINY_SEED = 20240611
-
 
 def _std_for(name: str, shape: torch.Size) -> tuple[float, float]:
-    """(mean, std) for one tensor of the tiny model, by its role."""
+    """(mean, std) for one tensor, by its role."""
     fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) if len(shape) >= 2 else 1
     if name.endswith("scale_mul_1H11"):
         return math.log(4.0), 0.3
@@ -68,23 +49,26 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Ten
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_var_sd() -> dict[str, torch.Tensor]:
+def write_random_weights(arch: str, output, seed: int) -> dict:
+    """An architecture (``dN``, ``tiny`` or ``vae``) with seeded random weights, written to ``output``."""
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_with, check_output_file, save_safetensors
+    from .config import VAEConfig, arch_config
     from .model import VAR
-
-    return random_state_dict(VAR(TINY_VAR_CONFIG), TINY_SEED)
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_vae_sd() -> dict[str, torch.Tensor]:
     from .vqvae import VQVAE
 
-    return random_state_dict(VQVAE(TINY_VAE_CONFIG), TINY_SEED + 1)
-
-
-def tiny_var_state_dict() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in _tiny_var_sd().items()}
-
-
-def tiny_vae_state_dict() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in _tiny_vae_sd().items()}
+    output = Path(output)
+    check_output_file(output, (".safetensors", ".pth"))
+    if arch.lower() == "vae":
+        sd = random_state_dict(VQVAE(VAEConfig()), seed)
+        meta = {"format": "actvar", "kind": "vqvae", "vae_config": VAEConfig().to_dict(), "random_seed": seed}
+    else:
+        cfg = arch_config(arch)
+        sd = random_state_dict(VAR(cfg), seed)
+        meta = {"format": "actvar", "kind": "var", "var_config": cfg.to_dict(), "random_seed": seed}
+    if output.suffix == ".pth":
+        atomic_write_with(output, lambda tmp: torch.save(sd, tmp))
+    else:
+        save_safetensors(sd, output, meta)
+    return {"arch": arch, "seed": seed, "output": str(output)}

@@ -1,0 +1,65 @@
+"""Pictures of comparisons: quality against measured time and against FLOPs, Pareto front marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower is better on both)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) -> Path:
+    """Two panels: quality (FID with a reference, else KL to the dense model) against seconds per
+    batch and against GFLOPs per image; the Pareto front of each panel drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_with
+
+    key, label = ("fid", "FID (lower is better)") if ref and all("fid" in r for r in rows) else ("kl", "KL to dense")
+    quality = [r[key] for r in rows]
+    axes_data = [
+        ([r["seconds"] for r in rows], "seconds per batch (measured)"),
+        ([r["flops"] / 1e9 for r in rows], "GFLOPs per image"),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    for ax, (xs, xlabel) in zip(axes, axes_data):
+        front = pareto_front(list(zip(xs, quality)))
+        ax.plot(
+            [xs[i] for i in front],
+            [quality[i] for i in front],
+            "-",
+            color="tab:green",
+            lw=2,
+            zorder=1,
+            label="Pareto front",
+        )
+        for i, r in enumerate(rows):
+            on_front = i in front
+            ax.scatter(
+                xs[i],
+                quality[i],
+                s=60 if on_front else 35,
+                zorder=2,
+                color="tab:green" if on_front else ("black" if r["method"] == "dense" else "tab:blue"),
+            )
+            ax.annotate(r["method"], (xs[i], quality[i]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"methods on one yardstick ({label.split(' (')[0]} against time and FLOPs)")
+    path = Path(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,254 @@
+"""How a block computes a sparse scale: ActVAR, and every other method a policy describes.
+
+Generation (``block_generate``): the tokens a block keeps are gathered into a compact
+(B, K_t, C) tensor, attention and the FFN (dense, or only the chosen experts) run on them,
+and they are scattered back. Skipped tokens pass through unchanged (paper eq. 9), or, with
+FastVAR's rule, receive the previous scale's output of each sublayer. Only kept tokens
+enter the block's KV cache: a skipped token is not a query and not a key of that block.
+
+Teacher forcing (``block_masked``): the whole sequence at once, with the same choices
+expressed as an attention mask that hides skipped tokens as keys and as straight-through
+gates whose forward value is the hard 0/1 choice, so that training computes what
+generation computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import routing
+from .policy import ScalePlan
+from .profiling import component
+
+
+@dataclass
+class GenerationState:
+    """What one generation remembers across blocks and scales."""
+
+    kernel: str = "auto"  # expert kernel: auto, grouped or loop
+    record_sublayers: bool = False  # FastVAR: keep each block's sublayer outputs for the next scale
+    count_pairs: bool = False  # keep the number of (token, expert) pairs each scale ran (reads the host)
+    fixed_scores: torch.Tensor | None = None  # (B, h, w): block 0's selector scores at the first sparse scale
+    fixed_idx: torch.Tensor | None = None  # (B, K_t) positions kept at scale ``fixed_scale``
+    fixed_scale: int = -1
+    sublayers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # block -> (attn, ffn)
+    pairs_run: dict[int, int] = field(default_factory=dict)  # scale -> (token, expert) pairs
+
+    def keep_rows(self, rows: int) -> None:
+        """Guidance turned off: only the first ``rows`` (the conditional ones) go on."""
+        self.sublayers = {i: (a[:rows], f[:rows]) for i, (a, f) in self.sublayers.items()}
+        if self.fixed_scores is not None:
+            self.fixed_scores = self.fixed_scores[:rows]
+        if self.fixed_idx is not None:
+            self.fixed_idx = self.fixed_idx[:rows]
+
+
+def gather(x_BnC: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+    return x_BnC.gather(1, idx_BK.unsqueeze(-1).expand(-1, -1, x_BnC.shape[-1]))
+
+
+def scatter(x_BnC: torch.Tensor, idx_BK: torch.Tensor, values_BKC: torch.Tensor) -> torch.Tensor:
+    return x_BnC.scatter(1, idx_BK.unsqueeze(-1).expand(-1, -1, x_BnC.shape[-1]), values_BKC)
+
+
+def kept_tokens(block, x_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, si: int):
+    """(B, K_t) positions the block computes, in sequence order; None when it computes all."""
+    if not plan.sparse_tokens:
+        return None
+    B, n, _ = x_BnC.shape
+    if plan.token_rule == "selector":
+        return routing.select_tokens(block.selector_logits(x_BnC), plan.keep_tokens)
+    if plan.token_rule == "centre":
+        side = round(n**0.5)
+        idx = routing.select_tokens(routing.centre_scores(side).to(x_BnC.device).view(1, n), plan.keep_tokens)
+        return idx.expand(B, -1)
+    if state.fixed_scale != si:  # "fixed": ranked once, by the first block that meets the first sparse scale
+        side = round(n**0.5)
+        if state.fixed_scores is None:
+            state.fixed_scores = block.selector_logits(x_BnC).float().view(B, side, side)
+            scores = state.fixed_scores.view(B, n)
+        else:
+            scores = F.interpolate(state.fixed_scores.unsqueeze(1), size=(side, side), mode="bilinear").view(B, n)
+        state.fixed_idx, state.fixed_scale = routing.select_tokens(scores, plan.keep_tokens), si
+    return state.fixed_idx
+
+
+def ffn_apply(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, si: int) -> torch.Tensor:
+    """The FFN on kept tokens: dense, the router's top-K_w experts, or the thresholded ones."""
+    if not plan.sparse_experts(ffn.num_experts):
+        return ffn(h_BnC)
+    with component("ffn"):
+        return _experts(ffn, h_BnC, plan, state, si)
+
+
+def _experts(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, si: int) -> torch.Tensor:
+    h_TC = h_BnC.reshape(-1, h_BnC.shape[-1])
+    if plan.threshold is not None:
+        pairs = routing.threshold_pairs(ffn.router_logits(h_TC), plan.threshold)
+    else:
+        pairs = routing.topk_pairs(routing.route(ffn.router_logits(h_TC), plan.keep_experts), ffn.num_experts)
+    if state.count_pairs:
+        state.pairs_run[si] = state.pairs_run.get(si, 0) + int(pairs.token.numel())
+    return routing.experts_forward(ffn, h_TC, pairs, state.kernel).view_as(h_BnC)
+
+
+def block_generate(block, x_BnC, cond, cache, plan: ScalePlan, state: GenerationState, i: int, si: int):
+    """Block ``i`` at scale ``si`` of generation, computing only what ``plan`` keeps."""
+    if plan.token_rule == "far-from-mean" and plan.sparse_tokens:
+        return _fastvar_block(block, x_BnC, cond, cache, plan, state, i, si)
+    g1, g2, s1, s2, b1, b2 = block.modulation(cond)
+    with component("select"):
+        idx = kept_tokens(block, x_BnC, plan, state, si)
+        xs = x_BnC if idx is None else gather(x_BnC, idx)  # B, K_t, C
+    attn_out = block.attn(block._norm(xs, s1, b1), None, cache).mul(g1)
+    xs = xs + attn_out
+    ffn_out = ffn_apply(block.ffn, block._norm(xs, s2, b2), plan, state, si).mul(g2)
+    if state.record_sublayers and idx is None:
+        state.sublayers[i] = (attn_out, ffn_out)
+    xs = xs + ffn_out
+    if idx is None:
+        return xs
+    with component("select"):
+        return scatter(x_BnC, idx, xs)
+
+
+def _resized(prev_BmC: torch.Tensor, n: int) -> torch.Tensor:
+    """The previous scale's (B, m, C) map resized to this scale's n tokens (FastVAR: area)."""
+    B, m, C = prev_BmC.shape
+    side, prev_side = round(n**0.5), round(m**0.5)
+    grid = prev_BmC.transpose(1, 2).reshape(B, C, prev_side, prev_side)
+    return F.interpolate(grid, size=(side, side), mode="area").reshape(B, C, n).transpose(1, 2)
+
+
+def _fastvar_block(block, x_BnC, cond, cache, plan: ScalePlan, state: GenerationState, i: int, si: int):
+    """FastVAR's cached token pruning: each sublayer computes the K_t tokens farthest from the
+    scale's mean; the others receive the previous scale's output of that sublayer, resized."""
+    g1, g2, s1, s2, b1, b2 = block.modulation(cond)
+    n, K = x_BnC.shape[1], plan.keep_tokens
+    prev_attn, prev_ffn = state.sublayers[i]
+    idx = routing.select_tokens(routing.far_from_mean_scores(x_BnC), K)
+    attn_out = block.attn(block._norm(gather(x_BnC, idx), s1, b1), None, cache).mul(g1)
+    attn_full = scatter(_resized(prev_attn, n).to(attn_out.dtype), idx, attn_out)
+    x = x_BnC + attn_full
+    idx = routing.select_tokens(routing.far_from_mean_scores(x), K)
+    ffn_out = ffn_apply(block.ffn, block._norm(gather(x, idx), s2, b2), plan, state, si).mul(g2)
+    ffn_full = scatter(_resized(prev_ffn, n).to(ffn_out.dtype), idx, ffn_out)
+    state.sublayers[i] = (attn_full, ffn_full)
+    return x + ffn_full
+
+
+# ---------------------------------------------------------------------------
+# Teacher forcing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class BlockAux:
+    """What a masked (teacher-forcing) block pass exposes for distillation, per sparse scale."""
+
+    selector_logits: list[torch.Tensor] = field(default_factory=list)  # (B, n) per scale
+    token_keep: list[torch.Tensor] = field(default_factory=list)  # (B, n) bool
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # (B, n, N)
+    expert_keep: list[torch.Tensor] = field(default_factory=list)  # (B, n, N) bool
+    ffn_input: list[torch.Tensor] = field(default_factory=list)  # (B, n, C), detached
+    block_input: torch.Tensor | None = None  # (B, L, C)
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One sparse scale's token choice, decided before the blocks run (fixed and centre rules)."""
+
+    keep: torch.Tensor  # (B, n) bool
+    gate: torch.Tensor  # (B, n): straight-through 0/1 (with block 0's selector gradient for "fixed")
+
+
+def fixed_choices(model, x: torch.Tensor, segments, rule: str) -> list[TokenChoice | None]:
+    """Per segment, the positions every block keeps: ranked once (block 0's selector at the first
+    sparse scale, upsampled to later ones) or by distance to the centre."""
+    out: list[TokenChoice | None] = []
+    first = None
+    for seg in segments:
+        if seg.keep_tokens >= seg.length:
+            out.append(None)
+            continue
+        side = round(seg.length**0.5)
+        if rule == "centre":
+            scores = routing.centre_scores(side).to(x.device, torch.float32).view(1, -1).expand(x.shape[0], -1)
+            keep = routing.topk_mask(scores, seg.keep_tokens)
+            out.append(TokenChoice(keep, keep.to(x.dtype)))
+            continue
+        if first is None:
+            first = model.blocks[0].selector_logits(x[:, seg.start : seg.end]).view(-1, side, side)
+        logits = F.interpolate(first.unsqueeze(1), size=(side, side), mode="bilinear").view(x.shape[0], -1)
+        keep = routing.topk_mask(logits, seg.keep_tokens)
+        out.append(TokenChoice(keep, routing.straight_through(keep, torch.sigmoid(logits))))
+    return out
+
+
+def _token_gates(block, x, segments, choices, aux):
+    """(B, L) straight-through gates (None when no token is skipped) and (B, L) key mask."""
+    B, L, _ = x.shape
+    gate = None
+    key_keep = torch.ones(B, L, dtype=torch.bool, device=x.device)
+    for k, seg in enumerate(segments):
+        if seg.keep_tokens >= seg.length:
+            continue
+        if choices is not None:
+            keep, g = choices[k].keep, choices[k].gate
+        else:
+            logits = block.selector_logits(x[:, seg.start : seg.end])  # B, n
+            keep = routing.topk_mask(logits, seg.keep_tokens)
+            g = routing.straight_through(keep, torch.sigmoid(logits))
+            if aux is not None:
+                aux.selector_logits.append(logits)
+                aux.token_keep.append(keep)
+        key_keep[:, seg.start : seg.end] = keep
+        gate = x.new_ones(B, L) if gate is None else gate
+        gate = torch.cat((gate[:, : seg.start], g.to(gate.dtype), gate[:, seg.end :]), dim=1)
+    return gate, key_keep
+
+
+def _expert_gates(ffn, h, segments, hidden, aux):
+    """(B, L, N) straight-through gates over experts, None when every expert runs."""
+    B, L, _ = h.shape
+    gate = None
+    for seg in segments:
+        if seg.keep_experts >= ffn.num_experts:
+            continue
+        h_seg = h[:, seg.start : seg.end]
+        logits = ffn.router_logits(h_seg)  # B, n, N
+        keep = routing.topk_mask(logits, seg.keep_experts)
+        g = routing.straight_through(keep, logits.softmax(-1))
+        gate = hidden.new_ones(B, L, ffn.num_experts) if gate is None else gate
+        gate = torch.cat((gate[:, : seg.start], g, gate[:, seg.end :]), dim=1)
+        if aux is not None:
+            aux.router_logits.append(logits)
+            aux.expert_keep.append(keep)
+            aux.ffn_input.append(h_seg.detach())
+    return gate
+
+
+def block_masked(block, x, cond, causal_mask, segments, aux: BlockAux | None = None, choices=None):
+    """The whole sequence with the generation path's choices expressed as masks.
+
+    ``causal_mask`` (1, 1, L, L) bool is VAR's block-causal mask (True = may attend); ``choices``
+    are the precomputed token choices of the fixed and centre rules (None: this block's selector).
+    """
+    B, L, C = x.shape
+    g1, g2, s1, s2, b1, b2 = block.modulation(cond)
+    token_gate, key_keep = _token_gates(block, x, segments, choices, aux)
+    mask = causal_mask if token_gate is None else causal_mask & key_keep[:, None, None, :]
+    y = x + block.attn(block._norm(x, s1, b1), mask).mul(g1)
+    h = block._norm(y, s2, b2)
+    hidden = block.ffn.act(block.ffn.fc1(h))  # B, L, F
+    expert_gate = _expert_gates(block.ffn, h, segments, hidden, aux)
+    if expert_gate is not None:
+        N = block.ffn.num_experts
+        hidden = (hidden.view(B, L, N, -1) * expert_gate.unsqueeze(-1)).view(B, L, -1)  # B,L,N,d_e -> B,L,F
+    y = y + block.ffn.fc2(hidden).mul(g2)
+    if token_gate is None:
+        return y
+    return x + token_gate.unsqueeze(-1) * (y - x)

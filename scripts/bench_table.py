@@ -1,0 +1,56 @@
+"""Markdown tables for docs/benchmarks.md from `actvar bench --json` outputs, with the goals marked.
+
+Usage: python scripts/bench_table.py runs/bench/sweep.json [runs/bench/breakdown-*.json ...]
+"""
+
+import json
+import sys
+
+GOALS = {  # (arch, batch) -> least share of the ideal gain (issue 11); every point must not be slower than dense
+    ("d16", 4): 0.8,
+    ("d16", 8): 0.8,
+    ("d20", 4): 0.8,
+    ("d20", 8): 0.8,
+    ("d12", 4): 0.6,
+    ("tiny", 8): 0.5,  # the reference model, at the demo's batch
+}
+
+
+def sweep(path: str) -> None:
+    points = json.load(open(path))["points"]
+    print("| model | batch | dense s | ActVAR s | speedup | ideal | share of the ideal gain | goal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in points:
+        eff, key = p["efficiency"], (p["arch"], p["batch_size"])
+        goals = ["not slower: " + ("met" if p["speedup"] >= 1 else "**not met**")]
+        if key in GOALS:
+            goals.append(f"≥{GOALS[key]:.0%} of ideal: " + ("met" if eff >= GOALS[key] else "**not met**"))
+        print(
+            f"| {p['arch']} | {p['batch_size']} | {p['dense']['generation_s']:.3f} | {p['sparse']['generation_s']:.3f} "
+            f"| {p['speedup']:.3f}x | {p['ideal_speedup']:.3f}x | {eff:.0%} | {'; '.join(goals)} |"
+        )
+
+
+def breakdown(path: str) -> None:
+    r = json.load(open(path))
+    b = r["breakdown"]
+    d, s = b["dense"], b["sparse"]
+    print(f"\n{r['arch']}, batch {r['batch_size']}: one generation and decode\n")
+    print(
+        "| component | dense s | share of time | share of FLOPs | ActVAR s | share of time | share of FLOPs | speedup |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for c in [*d["flops_share"], "total"]:
+        ds, ss = d["seconds"][c], s["seconds"][c]
+        fd = f"{d['flops_share'][c]:.0%}" if c in d["flops_share"] else ""
+        fs = f"{s['flops_share'][c]:.0%}" if c in s["flops_share"] else ""
+        print(
+            f"| {c} | {ds:.3f} | {ds / d['seconds']['total']:.0%} | {fd} | {ss:.3f} | {ss / s['seconds']['total']:.0%} "
+            f"| {fs} | {ds / ss:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    sweep(sys.argv[1])
+    for extra in sys.argv[2:]:
+        breakdown(extra)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# docs/comparison.md: every method on the reference model, and the paper's claims after the same
+# distillation: dynamic vs fixed tokens (Table 4), dynamic vs static experts (Table 5) at equal FLOPs,
+# and the rate trade-off (Table 2).
+# Usage: scripts/comparison.sh [OUT]   (about 20 minutes on 2 CPU cores, after scripts/quality-study.sh)
+set -euo pipefail
+out=${1:-runs/comparison}
+num=${NUM:-200}
+steps1=${STEPS1:-40}
+steps2=${STEPS2:-80}
+actvar=${ACTVAR:-actvar}
+mkdir -p "$out"
+
+distil() {  # NAME MOEFY-ARGS...: convert, then both stages (stage 2 only for static experts)
+    local name=$1
+    shift
+    $actvar moefy tiny -o "$out/$name.safetensors" "$@" --json > "$out/$name-moefy.json"
+    local model="$out/$name.safetensors"
+    if [[ "$*" != *static-experts* ]]; then
+        $actvar distill-stage1 "$model" --out-dir "$out/$name-s1" --max-steps "$steps1" --overwrite --json \
+            > "$out/$name-s1.json"
+        model="$out/$name-s1/model.safetensors"
+    fi
+    $actvar distill-stage2 "$model" --out-dir "$out/$name-s2" --max-steps "$steps2" --overwrite --json \
+        > "$out/$name-s2.json"
+}
+
+# Table 4: adaptive tokens vs tokens fixed at the first sparse scale (weights dense: equal FLOPs)
+distil dynamic-tokens --weight-rate 1
+distil fixed-tokens --method fixed-tokens:0.75
+# Table 5: dynamic experts vs the same experts for every token (tokens dense: equal FLOPs)
+distil dynamic-experts --token-rate 1
+distil static-experts --method static-experts:0.75
+# Table 2's rate trade-off: the default policy and the (50%, 25%; 50%) corner, distilled by
+# scripts/quality-study.sh (QUALITY, default runs/quality)
+quality=${QUALITY:-runs/quality}
+
+distilled=""
+for name in dynamic-tokens fixed-tokens dynamic-experts static-experts; do
+    distilled+="actvar:$out/$name-s2/model.safetensors,"
+done
+distilled+="actvar:$quality/default-s2/model.safetensors,actvar:$quality/aggressive-s2/model.safetensors,"
+
+$actvar compare tiny --methods "${distilled%,}" --ref shapes --num "$num" --json --plot "$out/distilled.png" \
+    > "$out/distilled.json"
+# every method without training (the converted baselines untrained), FastVAR and DMoE at two budgets
+$actvar compare tiny --ref shapes --num "$num" --json --plot "$out/training-free.png" --methods \
+    actvar,static-experts:0.75,fixed-tokens:0.75,fastvar:0.5,fastvar:0.75,dmoe:0.5,dmoe:0.9,skip-last:1,cfg-off:2,ear:0.75 \
+    > "$out/training-free.json"
+echo "results in $out/"
