@@ -180,6 +180,7 @@ def load_pair(dense: str | None, sparse: str | None, arch: str | None, vae: str 
     from .config import BUILTIN_NAME, VAEConfig, arch_config
     from .conversion import MoefyOptions, moefy
     from .errors import ConfigError
+    from .method_specs import last
     from .random_weights import random_state_dict
 
     notes = []
@@ -189,8 +190,7 @@ def load_pair(dense: str | None, sparse: str | None, arch: str | None, vae: str 
         cfg = arch_config(arch)
         sd = random_state_dict(VAR(cfg), 0)
         dense_model = _from_sd(cfg, sd)
-        S = len(cfg.patch_nums)
-        policy = SparsityPolicy(scales=(S - 1, S))  # the paper's default: the last two scales
+        policy = SparsityPolicy(scales=last(len(cfg.patch_nums), 2))  # the paper's default: the last two scales
         sparse_model, _ = moefy(_from_sd(cfg, sd), None, MoefyOptions(calib_images=0, policy=policy))
         notes.append(f"random {arch} weights, converted in memory with the default policy")
     else:
