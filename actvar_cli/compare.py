@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bench import PeakMemory
+from .bench import PeakMemory, paired_speedup
 from .device import autocast, synchronize
 from .fidelity import ArraySet, check_reference, fidelity, yardstick_for
 from .flops import count_flops
@@ -205,7 +205,7 @@ def _measure_all(methods: list[Method], vae, job: CompareJob, device, dtype, pro
             "flops": flops.sparse_flops,
             "flops_savings": flops.savings,
             "seconds": times[m.name]["seconds"],
-            "speedup": times[dense.name]["seconds"] / times[m.name]["seconds"],
+            "speedup": paired_speedup(times[dense.name]["runs"], times[m.name]["runs"]),
             "peak_memory_mb": times[m.name]["peak_memory_mb"],
             **agree,
         }

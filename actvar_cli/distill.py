@@ -438,7 +438,10 @@ def distill_command(
 
     source = resolve_local(model)
     _, info = read_checkpoint(source)
-    recipe = (load_recipe(config) if config else recipe_for(info.var_config)).override(**overrides)
+    recipe = load_recipe(config) if config else recipe_for(info.var_config)
+    if info.policy is not None:  # the model's own policy is what trains; the record says so
+        recipe = recipe.with_policy(info.policy)
+    recipe = recipe.override(**overrides)
     check_not_input(Path(out_dir) / "model.safetensors", (source,))
     job = DistillJob(
         stage=stage,

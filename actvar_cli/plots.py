@@ -16,6 +16,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def short_name(method: str) -> str:
+    """A point's label: ``actvar:runs/x/default-s2/model.safetensors`` -> ``actvar:default-s2``."""
+    family, _, arg = method.partition(":")
+    if not arg.endswith(".safetensors"):
+        return method
+    path = Path(arg)
+    return f"{family}:{path.parent.name if path.stem == 'model' else path.stem}"
+
+
 def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) -> Path:
     """Two panels: quality (FID with a reference, else KL to the dense model) against seconds per
     batch and against GFLOPs per image; the Pareto front of each panel drawn as a line."""
@@ -53,7 +62,9 @@ def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) 
                 zorder=2,
                 color="tab:green" if on_front else ("black" if r["method"] == "dense" else "tab:blue"),
             )
-            ax.annotate(r["method"], (xs[i], quality[i]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(
+                short_name(r["method"]), (xs[i], quality[i]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

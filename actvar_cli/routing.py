@@ -9,7 +9,10 @@ Both the generation path and the teacher-forcing path take their choices from th
   experts: CUDA's grouped GEMM, and what ``torch.compile(fullgraph=True)`` and CUDA graphs
   need (its compiled form wants bf16, as CUDA runs it);
 * ``loop``: one pair of GEMMs per expert, sizes read on the host; on a CPU this is often the
-  faster of the two (docs/benchmarks.md).
+  faster of the two (docs/benchmarks.md);
+* ``masked``: every hidden unit for every token, the unchosen experts' units zeroed before fc2.
+  The same sum in two GEMMs, but not fewer FLOPs: ``auto`` takes it on a CPU only where each
+  expert would get so few rows that the loop's per-expert cost exceeds the work it saves.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-KERNELS = ("auto", "grouped", "loop")
+KERNELS = ("auto", "grouped", "loop", "masked")
+# Below this many multiply-adds per expert (rows x C x d_e) the loop loses to the masked kernel on a
+# CPU (measured on 2 cores at C = 256, 768, 1024: docs/benchmarks.md, "The expert kernel on a CPU").
+MASKED_BELOW_MACS_PER_EXPERT = 3_000_000
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
@@ -136,20 +142,48 @@ def threshold_pairs(norms_TN: torch.Tensor, tau: float) -> Pairs:
 
 
 def experts_forward(ffn, x_TC: torch.Tensor, pairs: Pairs, kernel: str = "auto") -> torch.Tensor:
-    """Sum over each token's pairs of its expert's output, plus fc2's bias, computing only those.
+    """Sum over each token's pairs of its expert's output, plus fc2's bias.
 
     Expert ``e`` owns hidden neurons [e*d_e, (e+1)*d_e) of fc1/fc2 (``moefy`` permuted them so).
     The fc2 bias is added once (paper eq. 4 writes it inside the sum: a typo, it would count
     the bias K_w times).
     """
-    if kernel == "auto":
-        kernel = "grouped" if x_TC.device.type == "cuda" else "loop"
+    kernel = pick_kernel(kernel, ffn, x_TC, pairs.token.shape[0])
     if kernel == "loop":
         return _loop(ffn, x_TC, pairs) + ffn.fc2.bias
+    if kernel == "masked":
+        chosen_TN = x_TC.new_zeros(x_TC.shape[0], ffn.num_experts).index_put_(
+            (pairs.token, pairs.expert), x_TC.new_ones(())
+        )
+        return masked_experts(ffn, x_TC, chosen_TN)
     x_sorted = x_TC.index_select(0, pairs.token)  # P, C
     y_sorted = _grouped(ffn, x_sorted, pairs)  # P, C
     out = torch.zeros(x_TC.shape[0], y_sorted.shape[1], dtype=y_sorted.dtype, device=x_TC.device)
     return out.index_add_(0, pairs.token, y_sorted) + ffn.fc2.bias
+
+
+def pick_kernel(kernel: str, ffn, x_TC: torch.Tensor, num_pairs: int) -> str:
+    """``auto``: grouped off the CPU; on it, masked below a few multiply-adds per expert, else
+    the loop. Shapes only, so no host sync."""
+    if kernel != "auto":
+        return kernel
+    if x_TC.device.type != "cpu":
+        return "grouped"
+    d_e = ffn.fc1.weight.shape[0] // ffn.num_experts
+    macs_per_expert = num_pairs / ffn.num_experts * x_TC.shape[1] * d_e
+    return "masked" if macs_per_expert < MASKED_BELOW_MACS_PER_EXPERT else "loop"
+
+
+def chosen_from_topk(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(T, N) float: 1 where the token chose the expert."""
+    return torch.zeros(experts_TK.shape[0], num_experts, device=experts_TK.device).scatter_(1, experts_TK, 1.0)
+
+
+def masked_experts(ffn, x_TC: torch.Tensor, chosen_TN: torch.Tensor) -> torch.Tensor:
+    """Every expert's hidden units for every token, the unchosen ones zeroed before fc2."""
+    T, N = x_TC.shape[0], ffn.num_experts
+    h_TNd = F.gelu(F.linear(x_TC, ffn.fc1.weight, ffn.fc1.bias), approximate="tanh").view(T, N, -1)
+    return F.linear((h_TNd * chosen_TN.to(h_TNd.dtype).unsqueeze(-1)).view(T, -1), ffn.fc2.weight, ffn.fc2.bias)
 
 
 def _grouped(ffn, x_PC: torch.Tensor, pairs: Pairs) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .profiling import component
 class GenerationState:
     """What one generation remembers across blocks and scales."""
 
-    kernel: str = "auto"  # expert kernel: auto, grouped or loop
+    kernel: str = "auto"  # expert kernel: auto, grouped, loop or masked (routing.KERNELS)
     record_sublayers: bool = False  # FastVAR: keep each block's sublayer outputs for the next scale
     count_pairs: bool = False  # keep the number of (token, expert) pairs each scale ran (reads the host)
     fixed_scores: torch.Tensor | None = None  # (B, h, w): block 0's selector scores at the first sparse scale
@@ -89,7 +89,13 @@ def _experts(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, 
     if plan.threshold is not None:
         pairs = routing.threshold_pairs(ffn.router_logits(h_TC), plan.threshold)
     else:
-        pairs = routing.topk_pairs(routing.route(ffn.router_logits(h_TC), plan.keep_experts), ffn.num_experts)
+        experts_TK = routing.route(ffn.router_logits(h_TC), plan.keep_experts)
+        if routing.pick_kernel(state.kernel, ffn, h_TC, experts_TK.numel()) == "masked":  # no pair list needed
+            if state.count_pairs:
+                state.pairs_run[si] = state.pairs_run.get(si, 0) + experts_TK.numel()
+            chosen_TN = routing.chosen_from_topk(experts_TK, ffn.num_experts)
+            return routing.masked_experts(ffn, h_TC, chosen_TN).view_as(h_BnC)
+        pairs = routing.topk_pairs(experts_TK, ffn.num_experts)
     if state.count_pairs:
         state.pairs_run[si] = state.pairs_run.get(si, 0) + int(pairs.token.numel())
     return routing.experts_forward(ffn, h_TC, pairs, state.kernel).view_as(h_BnC)

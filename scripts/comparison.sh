@@ -43,8 +43,10 @@ distilled+="actvar:$quality/default-s2/model.safetensors,actvar:$quality/aggress
 
 $actvar compare tiny --methods "${distilled%,}" --ref shapes --num "$num" --json --plot "$out/distilled.png" \
     > "$out/distilled.json"
-# every method without training (the converted baselines untrained), FastVAR and DMoE at two budgets
-$actvar compare tiny --ref shapes --num "$num" --json --plot "$out/training-free.png" --methods \
-    actvar,static-experts:0.75,fixed-tokens:0.75,fastvar:0.5,fastvar:0.75,dmoe:0.5,dmoe:0.9,skip-last:1,cfg-off:2,ear:0.75 \
-    > "$out/training-free.json"
+# every method without training at two or three budgets, beside ActVAR converted and distilled
+$actvar compare tiny --ref shapes --num "$num" --repeats 7 --json --plot "$out/budgets.png" --methods \
+actvar,actvar:$quality/aggressive.safetensors,actvar:$quality/default-s2/model.safetensors,\
+actvar:$quality/aggressive-s2/model.safetensors,static-experts:0.75,static-experts:0.5,fixed-tokens:0.75,\
+fixed-tokens:0.5,fastvar:0.25,fastvar:0.5,fastvar:0.75,dmoe:0.5,dmoe:0.9,skip-last:1,skip-last:2,cfg-off:1,\
+cfg-off:2,ear:0.75,ear:0.5 > "$out/budgets.json"
 echo "results in $out/"

@@ -69,7 +69,7 @@ def test_sparse_kernels_at_full_activation_equal_dense_block(converted):
         state = GenerationState(record_sublayers=True)  # forces the sparse path even where all is kept
         sparse_out = block_generate(block, x, cond, caches[1], plan(25, 25, 16), state, 1, 9)
         h = torch.randn(30, 128)
-        for kernel in ("loop", "grouped"):
+        for kernel in ("loop", "grouped", "masked"):
             pairs = routing.topk_pairs(torch.arange(16).repeat(30, 1), 16)
             torch.testing.assert_close(
                 routing.experts_forward(block.ffn, h, pairs, kernel), block.ffn(h), atol=1e-5, rtol=1e-5
@@ -78,7 +78,7 @@ def test_sparse_kernels_at_full_activation_equal_dense_block(converted):
     torch.testing.assert_close(caches[1].k, caches[0].k)
 
 
-@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+@pytest.mark.parametrize("kernel", ["loop", "grouped", "masked"])
 def test_experts_forward_computes_only_the_chosen_experts(converted, kernel):
     ffn = converted["cluster"].blocks[0].ffn
     torch.manual_seed(1)
@@ -92,7 +92,17 @@ def test_experts_forward_computes_only_the_chosen_experts(converted, kernel):
         torch.testing.assert_close(routing.experts_forward(ffn, h, pairs, kernel), expected, atol=1e-5, rtol=1e-5)
         with FlopCounterMode(display=False) as fc:
             routing.experts_forward(ffn, h, pairs, kernel)
-    assert fc.get_total_flops() == 4 * 40 * 12 * d_e * 128  # two GEMMs, chosen experts only
+    experts_run = 16 if kernel == "masked" else 12  # masked: the same sum from every expert's units
+    assert fc.get_total_flops() == 4 * 40 * experts_run * d_e * 128  # two GEMMs
+
+
+def test_auto_takes_the_masked_kernel_on_a_cpu_only_for_few_rows_per_expert(converted):
+    ffn = converted["cluster"].blocks[0].ffn  # C = 128, d_e = 32: 4096 multiply-adds per row of an expert
+    rows = routing.MASKED_BELOW_MACS_PER_EXPERT // 4096
+    for tokens, kernel in ((rows - 16, "masked"), (rows + 16, "loop")):
+        pairs = routing.topk_pairs(torch.arange(16).repeat(tokens, 1), 16)  # every expert gets `tokens` rows
+        assert routing.pick_kernel("loop", ffn, torch.zeros(tokens, 128), pairs.token.shape[0]) == "loop"
+        assert routing.pick_kernel("auto", ffn, torch.zeros(tokens, 128), pairs.token.shape[0]) == kernel
 
 
 def test_generation_and_teacher_forcing_paths_agree(converted, d2):
@@ -147,10 +157,10 @@ def test_analytic_flops_match_torch_flop_counter(converted, d2, policy):
     model = converted["cluster"]
     _, vae = d2
     B = 2
+    state = GenerationState(kernel="loop")  # a kernel that computes only the chosen experts
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # math SDPA is visible to the counter
-        generate(
-            model, vae, torch.tensor([1, 2]), SamplingOptions(), rng=image_generators(0, [0, 1], "cpu"), policy=policy
-        )
+        labels, rng = torch.tensor([1, 2]), image_generators(0, [0, 1], "cpu")
+        generate(model, vae, labels, SamplingOptions(), rng=rng, policy=policy, state=state)
     report = count_flops(model.cfg, policy)
     expected = B * (report.sparse_flops if policy else report.dense_flops)
     assert abs(fc.get_total_flops() - expected) / expected < 0.01, (fc.get_total_flops(), expected)

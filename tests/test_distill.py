@@ -199,6 +199,19 @@ def test_flags_override_recipe_keys(tmp_path, run_cli, tiny_actvar):
     assert summary["global_batch"] == 4 and summary["grad_accum"] == 2
 
 
+@pytest.mark.slow
+def test_the_run_record_gives_the_policy_that_trained(tmp_path, run_cli):
+    """The model's stored policy is what trains, so the recorded recipe must say it, not the defaults."""
+    model = tmp_path / "aggressive.safetensors"
+    run_cli("moefy", "tiny", "-o", model, "--calib-images", "2", "--token-rates", "0.5,0.25", "--weight-rate", "0.5")
+    r = run_cli(
+        "distill-stage1", model, "--max-steps", "1", "--batch-size", "2", "--global-batch", "2",
+        "--out-dir", tmp_path / "o", "--json",
+    )  # fmt: skip
+    recipe = json.loads(r.stdout)["recipe"]
+    assert recipe["token_rates"] == [0.5, 0.25] and recipe["weight_rate"] == 0.5
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -35,10 +35,11 @@ def sparse_step(model, x, cond, cache, kernel):
 
 
 @torch.no_grad()
-def test_grouped_and_loop_kernels_compute_the_same_step(step_inputs):
+def test_every_kernel_computes_the_same_step(step_inputs):
     model, x, cond, cache = step_inputs
-    grouped, loop = sparse_step(model, x, cond, cache(), "grouped"), sparse_step(model, x, cond, cache(), "loop")
-    torch.testing.assert_close(grouped, loop, atol=1e-4, rtol=1e-5)
+    loop = sparse_step(model, x, cond, cache(), "loop")
+    for kernel in ("grouped", "masked"):
+        torch.testing.assert_close(sparse_step(model, x, cond, cache(), kernel), loop, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def builder(d2):
 
 def run(method, vae, labels=(3, 500), opts=SamplingOptions(), **kw):
     state = GenerationState(record_sublayers=method.policy is not None and method.policy.token_rule == "far-from-mean",
-                            count_pairs=True)  # fmt: skip
+                            count_pairs=True, kernel="loop")  # fmt: skip  # only the chosen experts run
     rng = image_generators(0, list(range(len(labels))), "cpu")
     gen = generate(method.model, vae, torch.tensor(labels), opts, rng=rng, policy=method.policy, state=state, **kw)
     return gen, state

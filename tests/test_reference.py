@@ -129,3 +129,30 @@ def test_any_patch_layout_and_ch_mult_loads(tmp_path, with_metadata):
     with torch.no_grad():
         img = vae.idx_to_img([torch.zeros(1, p * p, dtype=torch.long) for p in (1, 2, 4)])
     assert img.shape == (1, 3, 8, 8)  # 4 tokens across, 2 pixels each
+
+
+@pytest.mark.slow
+def test_training_resumes_where_it_stopped_and_ends_as_one_run(tmp_path):
+    """Every phase (VQVAE + classifier, VAR, its token-uniform tail) checkpoints and resumes to the
+    same weights as an uninterrupted run, and the record gives each phase's losses."""
+    from safetensors.torch import load_file
+
+    from actvar_cli.reference import ReferenceSettings, train_reference
+
+    full = ReferenceSettings(vae_steps=4, vae_batch=4, var_steps=3, var_batch=4, var_tail_steps=2,
+                             checkpoint_every=1, eval_images=2)  # fmt: skip
+    record = train_reference(tmp_path / "whole", full)
+    assert [len(record["losses"][k]) for k in ("var", "var_tail")] == [0, 0]  # logged every 25 steps
+    assert record["settings"]["var_tail_steps"] == 2 and 0 <= record["quality"]["var_sample_class_accuracy"] <= 1
+    for stop_at in (("vqvae + classifier", 2), ("var", 2), ("var_tail", 1)):  # killed after that step
+
+        def progress(phase, step, total, stop_at=stop_at):
+            if (phase, step) == stop_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train_reference(tmp_path / "parts", full, progress)
+    train_reference(tmp_path / "parts", full)
+    for name in ("reference-var.safetensors", "reference-vae.safetensors", "reference-classifier.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "parts" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name

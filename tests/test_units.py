@@ -5,6 +5,7 @@ import torch
 
 from actvar_cli import routing
 from actvar_cli.arguments import parse_float_list, parse_int_list, parse_set
+from actvar_cli.bench import paired_speedup
 from actvar_cli.errors import ConfigError, HubError
 from actvar_cli.hub import DownloadTarget, parse_target
 from actvar_cli.losses import kl_to_target, load_balance, soft_topk
@@ -136,3 +137,19 @@ def test_parse_target():
     for bad in ("me/my model", "nobody", "a/b/c", "/x", "me/"):
         with pytest.raises(HubError):
             parse_target(bad)
+
+
+def test_paired_speedup_compares_each_run_with_its_neighbour():
+    """A machine that slows down in the middle of a benchmark must not decide the ratio."""
+    dense, sparse = [1.0, 2.0, 4.0], [0.5, 2.0, 2.0]  # medians 2.0 and 2.0; pairs 2x, 1x, 2x
+    assert paired_speedup(dense, sparse) == 2.0
+    with pytest.raises(ValueError):
+        paired_speedup([1.0], [1.0, 2.0])
+
+
+def test_plot_labels_name_a_model_file_by_its_run():
+    from actvar_cli.plots import short_name
+
+    assert short_name("actvar:runs/quality/default-s2/model.safetensors") == "actvar:default-s2"
+    assert short_name("actvar:runs/quality/aggressive.safetensors") == "actvar:aggressive"
+    assert short_name("fastvar:0.5") == "fastvar:0.5"
