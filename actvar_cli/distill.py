@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,7 @@ def setup(job: DistillJob, progress: Progress | None = None) -> Run:
     acc, accum = _accelerator(job)
     folder = RunFolder(Path(job.out_dir), acc.is_main_process)
     student, metadata, teacher, vae, sources = _models(job, acc.device)
+    job = replace(job, recipe=job.recipe.with_policy(student.policy))  # the model's policy is what trains
     params, optimizer = _optimizer(student, job.stage, job.recipe)
     wrapper, optimizer = acc.prepare(StudentForward(student), optimizer)
     source = open_source(
@@ -438,10 +439,7 @@ def distill_command(
 
     source = resolve_local(model)
     _, info = read_checkpoint(source)
-    recipe = load_recipe(config) if config else recipe_for(info.var_config)
-    if info.policy is not None:  # the model's own policy is what trains; the record says so
-        recipe = recipe.with_policy(info.policy)
-    recipe = recipe.override(**overrides)
+    recipe = (load_recipe(config) if config else recipe_for(info.var_config)).override(**overrides)
     check_not_input(Path(out_dir) / "model.safetensors", (source,))
     job = DistillJob(
         stage=stage,

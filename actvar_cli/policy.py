@@ -150,16 +150,6 @@ class SparsityPolicy:
     def generated_scales(self, num_scales: int) -> int:
         return num_scales - self.skip_last
 
-    @property
-    def trivial(self) -> bool:
-        """Computes exactly what the dense model computes."""
-        return self == SparsityPolicy.dense() or (
-            all(r == 1 for r in self.token_rates + self.weight_rates)
-            and self.expert_rule == "router"
-            and not self.guidance_off
-            and not self.skip_last
-        )
-
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "scales": list(self.scales),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -222,17 +223,32 @@ def scale_balanced_ce(model: VAR, logits_BLV: torch.Tensor, gt_BL: torch.Tensor)
     100 of the reference model's 155 tokens lie in its last two scales: with equal token weights
     a short CPU budget goes to fine texture while the middle scales, which draw the shape and so
     decide the class, stay untrained (18% class accuracy after 500 steps of batch 32)."""
-    ce = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), gt_BL.reshape(-1), reduction="none")
-    ce = ce.view(gt_BL.shape)
-    per_scale = torch.stack([ce[:, bg:ed].mean() for bg, ed in model.begin_ends])
+    _, per_scale = _ce(model, logits_BLV, gt_BL)
     return per_scale.mean(), per_scale.detach()
 
 
 def token_ce(model: VAR, logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upstream's loss: every token weighted equally (and each scale's mean, for the log)."""
+    ce_BL, per_scale = _ce(model, logits_BLV, gt_BL)
+    return ce_BL.mean(), per_scale.detach()
+
+
+def _ce(model: VAR, logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy per token (B, L) and its mean over each scale (S,)."""
     ce = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), gt_BL.reshape(-1), reduction="none")
-    ce = ce.view(gt_BL.shape)
-    return ce.mean(), torch.stack([ce[:, bg:ed].mean() for bg, ed in model.begin_ends]).detach()
+    ce_BL = ce.view(gt_BL.shape)
+    return ce_BL, torch.stack([ce_BL[:, bg:ed].mean() for bg, ed in model.begin_ends])
+
+
+@dataclass(frozen=True)
+class VarPhase:
+    """One stretch of VAR training with its own loss, optimizer and cosine schedule."""
+
+    name: str  # checkpoint folder and stretch of the train stream (PHASE_OFFSET)
+    steps: int
+    lr: float
+    loss: Callable[[VAR, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    first_step: int  # its first step counted over all phases: label drops go on as in one run
 
 
 def train_var(out: Path, vae: VQVAE, s: ReferenceSettings, progress: Progress | None) -> tuple[VAR, dict]:
@@ -240,31 +256,30 @@ def train_var(out: Path, vae: VQVAE, s: ReferenceSettings, progress: Progress | 
     torch.manual_seed(s.seed + 2)
     model = VAR(REFERENCE_VAR_CONFIG)
     init_var_weights(model)
-    main = _var_phase(out, "var", model, vae, s, (s.var_steps, s.var_lr), scale_balanced_ce, progress)
-    if not s.var_tail_steps:
-        return model.eval(), main
-    tail = _var_phase(out, "var_tail", model, vae, s, (s.var_tail_steps, s.var_tail_lr), token_ce, progress)
-    return model.eval(), {"log": main["log"], "tail_log": tail["log"], "seconds": main["seconds"] + tail["seconds"]}
+    phases = [VarPhase("var", s.var_steps, s.var_lr, scale_balanced_ce, 0)]
+    if s.var_tail_steps:
+        phases.append(VarPhase("var_tail", s.var_tail_steps, s.var_tail_lr, token_ce, s.var_steps))
+    runs = [_var_phase(out, phase, model, vae, s, progress) for phase in phases]
+    tail_log = runs[1]["log"] if len(runs) > 1 else None
+    return model.eval(), {"log": runs[0]["log"], "tail_log": tail_log, "seconds": sum(r["seconds"] for r in runs)}
 
 
-def _var_phase(out: Path, phase: str, model: VAR, vae: VQVAE, s, steps_lr: tuple[int, float], loss_fn, progress):
-    """One resumable VAR phase: its own optimizer, cosine schedule and stretch of the train stream."""
-    total, peak_lr = steps_lr
+def _var_phase(out: Path, phase: VarPhase, model: VAR, vae: VQVAE, s: ReferenceSettings, progress):
+    """One resumable VAR phase, on its own stretch of the train stream."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_" not in n and "emb" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_" not in n and "emb" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.var_weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        peak_lr,
+        phase.lr,
         betas=(0.9, 0.95),
     )
-    ckpt = Checkpoints(out, phase)
+    ckpt = Checkpoints(out, phase.name)
     step, log, spent = ckpt.load({"var": model}, {"var": opt})
     t0 = time.perf_counter() - spent
-    first = s.var_steps if phase == "var_tail" else 0  # label drops go on as in one run of both phases
-    g = torch.Generator().manual_seed(s.seed + 3 + first + step)
+    g = torch.Generator().manual_seed(s.seed + 3 + phase.first_step + step)
     model.train()
-    while step < total:
-        x_img, labels = train_batch(phase, step, s.var_batch)
+    while step < phase.steps:
+        x_img, labels = train_batch(phase.name, step, s.var_batch)
         with torch.no_grad():
             tokens = vae.img_to_idx(x_img)
             x_in = vae.quantize.idx_to_var_input(tokens)
@@ -272,9 +287,9 @@ def _var_phase(out: Path, phase: str, model: VAR, vae: VQVAE, s, steps_lr: tuple
         labels = torch.where(drop, torch.full_like(labels, model.num_classes), labels)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.var_autocast_bf16):
             logits = model(labels, x_in)
-        loss, per_scale = loss_fn(model, logits.float(), torch.cat(tokens, 1))
+        loss, per_scale = phase.loss(model, logits.float(), torch.cat(tokens, 1))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, peak_lr, s.warmup)
+            group["lr"] = lr_at(step, phase.steps, phase.lr, s.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
@@ -282,10 +297,10 @@ def _var_phase(out: Path, phase: str, model: VAR, vae: VQVAE, s, steps_lr: tuple
         step += 1
         if step % 25 == 0:
             log.append({"step": step, "ce": loss.item(), "ce_per_scale": [round(c, 4) for c in per_scale.tolist()]})
-        if step % s.checkpoint_every == 0 or step == total:
+        if step % s.checkpoint_every == 0 or step == phase.steps:
             ckpt.save(step, {"var": model}, {"var": opt}, log, time.perf_counter() - t0)
         if progress:
-            progress(phase, step, total)
+            progress(phase.name, step, phase.steps)
     model.eval()
     return {"log": log, "seconds": ckpt.seconds()}
 

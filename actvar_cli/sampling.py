@@ -95,9 +95,8 @@ def sample_tokens_per_image(
     """Per-image sampling with the same top-k / top-p rule, done on the k candidates only.
 
     After top-k masking only the k best logits have probability, so top-p can be decided
-    among them (a sort of k values, not of the vocabulary), and row b draws one uniform per
-    position from its own generator and inverts the candidates' cumulative distribution,
-    taken in vocabulary order.
+    among them, and row b draws one uniform per position from its own generator and inverts
+    the cumulative distribution, taken in vocabulary order.
     """
     B, n, V = logits_BlV.shape
     k = top_k if 0 < top_k < V else V
@@ -108,12 +107,13 @@ def sample_tokens_per_image(
         drop = tail <= (1 - top_p)
         drop[..., 0] = False  # always keep the largest
         probs = probs.masked_fill(drop, 0.0)
-    order = idx.argsort(dim=-1)  # the CDF runs in vocabulary order, as upstream's multinomial does:
-    idx, probs = idx.gather(-1, order), probs.gather(-1, order)  # near-equal logits swapping places then cannot move it
-    cdf = probs.cumsum(-1)
+    # the CDF runs in vocabulary order, as upstream's multinomial does: near-equal logits swapping
+    # places then cannot move it. Scattering into the vocabulary costs less than sorting the k.
+    probs_BlV = torch.zeros_like(logits_BlV, dtype=probs.dtype).scatter_(-1, idx, probs)
+    cdf = probs_BlV.cumsum(-1)
     u = torch.stack([torch.rand(n, generator=g, device=logits_BlV.device) for g in rng])  # B, n
-    pick = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).clamp_max(k - 1)  # B, n, 1
-    return idx.gather(-1, pick).squeeze(-1)
+    target = (u * cdf[..., -1]).clamp_min(torch.finfo(cdf.dtype).tiny)  # a draw never lands on probability 0
+    return torch.searchsorted(cdf, target.unsqueeze(-1)).clamp_max(V - 1).squeeze(-1)
 
 
 def _multinomial_per_row(logits_BlV: torch.Tensor, rng: Sequence[torch.Generator]) -> torch.Tensor:
