@@ -86,19 +86,21 @@ def ffn_apply(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState,
 
 def _experts(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, si: int) -> torch.Tensor:
     h_TC = h_BnC.reshape(-1, h_BnC.shape[-1])
+    experts_TK, pairs = None, None
     if plan.threshold is not None:
         pairs = routing.threshold_pairs(ffn.router_logits(h_TC), plan.threshold)
     else:
-        experts_TK = routing.route(ffn.router_logits(h_TC), plan.keep_experts)
-        if routing.pick_kernel(state.kernel, ffn, h_TC, experts_TK.numel()) == "masked":  # no pair list needed
-            if state.count_pairs:
-                state.pairs_run[si] = state.pairs_run.get(si, 0) + experts_TK.numel()
+        experts_TK = routing.route(ffn.router_logits(h_TC), plan.keep_experts)  # T, K_w
+    num_pairs = experts_TK.numel() if pairs is None else pairs.token.numel()
+    if state.count_pairs:
+        state.pairs_run[si] = state.pairs_run.get(si, 0) + int(num_pairs)
+    kernel = routing.pick_kernel(state.kernel, ffn, h_TC, num_pairs)
+    if pairs is None:
+        if kernel == "masked":  # no pair list needed
             chosen_TN = routing.chosen_from_topk(experts_TK, ffn.num_experts)
             return routing.masked_experts(ffn, h_TC, chosen_TN).view_as(h_BnC)
         pairs = routing.topk_pairs(experts_TK, ffn.num_experts)
-    if state.count_pairs:
-        state.pairs_run[si] = state.pairs_run.get(si, 0) + int(pairs.token.numel())
-    return routing.experts_forward(ffn, h_TC, pairs, state.kernel).view_as(h_BnC)
+    return routing.experts_forward(ffn, h_TC, pairs, kernel).view_as(h_BnC)
 
 
 def block_generate(block, x_BnC, cond, cache, plan: ScalePlan, state: GenerationState, i: int, si: int):
