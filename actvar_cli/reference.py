@@ -45,17 +45,17 @@ class ReferenceSettings:
     """Hyperparameters of the reference run (written into its training record)."""
 
     seed: int = 0
-    vae_steps: int = 7000
+    vae_steps: int = 6000
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_beta: float = 0.25  # commitment weight (upstream)
     dead_code_every: int = 20  # steps between restarts of unused codes
     classifier_lr: float = 2e-3
     classifier_recon_from: float = 0.3  # share of phase 1 after which reconstructions join its batches
-    var_steps: int = 4000
+    var_steps: int = 3600
     var_batch: int = 32
     var_lr: float = 1e-3
-    var_tail_steps: int = 0  # then steps of upstream's token-uniform loss (1000 gave 79.6% vs 77.2%: docs/quality.md)
+    var_tail_steps: int = 0  # then steps of upstream's token-uniform loss (first model: 79.6% vs 77.2%, docs/quality.md)
     var_tail_lr: float = 3e-4
     var_weight_decay: float = 0.05
     var_autocast_bf16: bool = True  # bf16 matmuls (fp32 weights and optimizer): 2.6x the fp32 rate on this CPU

@@ -1,10 +1,10 @@
 """Shapes: a procedural, class-conditional image set that needs no download.
 
-Each class fixes a shape and a fill pattern; colour, position, size, rotation and the
-background vary inside a class. Pairs of classes share a shape and differ only in their
-fill (solid disc vs striped disc, solid square vs checkered square), so a model must get
-the fine scales right for a sample to count as its class. Images are drawn at 4x and
-averaged down, which gives anti-aliased edges.
+Each class fixes a shape and a fill pattern; colour, position, size, tilt (up to 20 degrees
+from upright) and the background vary inside a class. Pairs of classes share a shape and
+differ only in their fill (solid disc vs striped disc, solid square vs checkered square), so
+a model must get the fine scales right for a sample to count as its class. Images are drawn
+at 4x and averaged down, which gives anti-aliased edges.
 
 Image ``k`` of a stream is a pure function of ``(stream seed, k)``: streams are unlimited,
 reproducible, and the train, validation and test streams never share a seed.
@@ -24,6 +24,11 @@ from .errors import DataError
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4
 STREAM_SEEDS = {"train": 0x5EED_0001, "val": 0x5EED_0002, "test": 0x5EED_0003}
+
+# Shapes stand upright, tilted at most MAX_TILT: at 8x8 tokens a freely rotated corner is a
+# different code at every angle, and the small VAR rounds such corners off (docs/quality.md).
+MAX_TILT = np.deg2rad(20)
+UPRIGHT = {"triangle": -np.pi / 2, "star": -np.pi / 2, "square": np.pi / 4}  # frame angle of "upright"
 
 Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (u, v) in the shape's frame, radius 1 -> inside
 
@@ -125,9 +130,10 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
     second_rgb = _colour(rng, (0.7, 1.0) if dark_shape else (0.15, 0.45))
     bg_a = _colour(rng, (0.75, 1.0) if dark_shape else (0.1, 0.35))
     bg_b = np.clip(bg_a + rng.uniform(-0.15, 0.15, 3), 0, 1)
-    radius = rng.uniform(0.24, 0.38) * size
+    radius = rng.uniform(0.30, 0.44) * size
     cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
-    angle, bg_angle = rng.uniform(0, 2 * np.pi, 2)
+    angle = UPRIGHT.get(cls.shape, 0.0) + rng.uniform(-MAX_TILT, MAX_TILT)
+    bg_angle = rng.uniform(0, 2 * np.pi)
     period = rng.uniform(0.15, 0.19) * size  # stripes, checks and dots: 5-6 px at size 32
 
     y, x = _subsample_grid(size)
