@@ -55,7 +55,7 @@ class ReferenceSettings:
     var_steps: int = 3600
     var_batch: int = 32
     var_lr: float = 1e-3
-    var_tail_steps: int = 0  # then steps of upstream's token-uniform loss (first model: 79.6% vs 77.2%, docs/quality.md)
+    var_tail_steps: int = 0  # then steps of upstream's token-uniform loss (docs/quality.md: little gain)
     var_tail_lr: float = 3e-4
     var_weight_decay: float = 0.05
     var_autocast_bf16: bool = True  # bf16 matmuls (fp32 weights and optimizer): 2.6x the fp32 rate on this CPU
