@@ -8,16 +8,18 @@ run; the VAE decode, the same work for both models, once per model.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .device import autocast, synchronize
-from .flops import count_flops
+from .flops import FlopsReport, count_flops
 from .model import VAR
 from .policy import SparsityPolicy
 from .progress import Progress
@@ -64,6 +66,27 @@ class PeakMemory:
     @property
     def kind(self) -> str:
         return "cuda_max_allocated" if self.device.type == "cuda" else "process_rss"
+
+
+@contextlib.contextmanager
+def timed_steps(model: VAR, device: torch.device) -> Iterator[list[float]]:
+    """Seconds of each ``generation_step`` (one per scale) while inside. On CUDA each step then
+    ends in a host sync, so only ``--breakdown`` asks for it."""
+    seconds: list[float] = []
+    step = model.generation_step
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        logits = step(*args, **kwargs)
+        synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+        return logits
+
+    model.generation_step = timed  # an instance attribute shadows the method until removed
+    try:
+        yield seconds
+    finally:
+        del model.generation_step
 
 
 def _one_run(
@@ -120,21 +143,25 @@ def bench(
     seed: int = 0,
     policy: SparsityPolicy | None = None,
     progress: Progress | None = None,
+    by_scale: bool = False,
 ) -> dict[str, Any]:
     policy = policy or sparse.policy
     classes = classes or bench_classes(dense.num_classes)
     labels = torch.tensor([classes[i % len(classes)] for i in range(batch_size)], device=device)
     opts = SamplingOptions()
     runs: dict[str, list[tuple[float, float, int]]] = {"dense": [], "sparse": []}
+    steps: dict[str, list[list[float]]] = {"dense": [], "sparse": []}  # per run, seconds of each scale's step
     total = 2 * (warmup + repeats)
     done = 0
     with torch.inference_mode():
         for r in range(warmup + repeats):
             for name, model, pol in (("dense", dense, None), ("sparse", sparse, policy)):
                 # the VQVAE decode is the same work for both models: timed once each
-                result = _one_run(model, vae, labels, seed, opts, pol, device, dtype, decode=r == warmup)
+                with timed_steps(model, device) if by_scale else contextlib.nullcontext([]) as step_s:
+                    result = _one_run(model, vae, labels, seed, opts, pol, device, dtype, decode=r == warmup)
                 if r >= warmup:
                     runs[name].append(result)
+                    steps[name].append(step_s)
                 done += 1
                 if progress:
                     progress("benchmark", done, total)
@@ -156,7 +183,7 @@ def bench(
     flops = count_flops(sparse.cfg, policy)
     ideal = flops.dense_flops / flops.sparse_flops
     speedup = paired_speedup([t for t, _, _ in runs["dense"]], [t for t, _, _ in runs["sparse"]])
-    return {
+    out = {
         "device": str(device),
         "dtype": dtype,
         "batch_size": batch_size,
@@ -173,6 +200,41 @@ def bench(
         "sparse_flops": flops.sparse_flops,
         "savings": flops.savings,
         "memory_kind": PeakMemory(device).kind,
+    }
+    if by_scale:
+        out["by_scale"] = scale_table(d["generation_s"], steps, flops)
+    return out
+
+
+def scale_table(dense_generation_s: float, steps: dict[str, list[list[float]]], flops: FlopsReport) -> dict[str, Any]:
+    """Each scale's step, dense and sparse (medians over runs), beside its FLOPs ratio; and the
+    *bound*: the whole speedup if every step ran at its own FLOPs ratio while the work outside the
+    steps (sampling, the VQVAE's residual update) stayed as it is."""
+    rows, bound_s = [], 0.0
+    for si, sf in enumerate(flops.scales):
+        d = statistics.median(run[si] for run in steps["dense"])
+        s = statistics.median(run[si] for run in steps["sparse"]) if si < len(steps["sparse"][0]) else 0.0
+        fd, fs = sum(sf.dense.values()), sum(sf.sparse.values())
+        bound_s += d * fs / fd
+        rows.append(
+            {
+                "scale": si + 1,
+                "tokens": sf.tokens,
+                "dense_s": d,
+                "sparse_s": s,
+                "speedup": d / s if s else None,
+                "flops_ratio": fd / fs if fs else None,
+                "dense_flops_share": fd / flops.dense_flops,
+            }
+        )
+    outside = dense_generation_s - sum(r["dense_s"] for r in rows)
+    bound = dense_generation_s / (bound_s + outside)
+    ideal = flops.dense_flops / flops.sparse_flops
+    return {
+        "scales": rows,
+        "outside_steps_s": outside,
+        "bound_speedup": bound,
+        "bound_efficiency": (bound - 1) / (ideal - 1) if ideal > 1 else None,
     }
 
 
@@ -277,7 +339,8 @@ class BenchRequest:
     dtype: str = "auto"
     seed: int = 0
     compile: bool = False
-    breakdown: bool = False
+    breakdown: bool = False  # time per component (under the profiler) and per scale
+    by_scale: bool = False  # time per scale only: no profiled run
 
     def validate(self) -> None:
         from .config import arch_config
@@ -315,6 +378,7 @@ def bench_point(req: BenchRequest, arch: str | None, batch_size: int, progress: 
         req.warmup,
         seed=req.seed,
         progress=progress,
+        by_scale=req.by_scale or req.breakdown,
     )
     result.update({"arch": arch or req.dense, "note": note, "compiled": req.compile})
     if req.breakdown:

@@ -294,7 +294,8 @@ def bench(
     vae: str | None = typer.Option(None, help="VQVAE for the decode timing (default: random weights of its shape)."),
     batch_size: str = typer.Option("8", help="Images per generation, or several: 1,4,8 (a sweep)."),
     sweep: bool = typer.Option(False, "--sweep", help="tiny, d12, d16 and d20 at batch 1, 4 and 8."),
-    breakdown: bool = typer.Option(False, "--breakdown", help="Time per component beside its FLOPs share."),
+    breakdown: bool = typer.Option(False, "--breakdown", help="Time per component and per scale, beside FLOPs shares."),
+    by_scale: bool = typer.Option(False, "--by-scale", help="Time per scale beside its FLOPs ratio (no profiler run)."),
     repeats: int = typer.Option(5, help="Timed runs per model, interleaved; speedup = median of run-by-run ratios."),
     warmup: int = typer.Option(1, help="Untimed runs per model first."),
     device: Device = "auto",
@@ -307,7 +308,7 @@ def bench(
 
     Examples: `actvar bench var_d16.pth actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
     `actvar bench --arch d16 --batch-size 8 --json` (random weights: timing does not depend on them) ·
-    `actvar bench --sweep --breakdown --repeats 3`
+    `actvar bench --sweep --by-scale --repeats 5` · `actvar bench --arch tiny --breakdown`
     """
     from .bench import SWEEP_ARCHS, SWEEP_BATCHES, BenchRequest, bench_command
 

@@ -174,6 +174,32 @@ def bench_result(result: dict[str, Any]) -> None:
         out.print(result["note"], style="dim")
     if "breakdown" in result:
         bench_breakdown(result["breakdown"])
+    if "by_scale" in result:
+        bench_scales(result["by_scale"], result["ideal_speedup"])
+
+
+def bench_scales(b: dict[str, Any], ideal: float) -> None:
+    body = [
+        [
+            str(r["scale"]),
+            str(r["tokens"]),
+            f"{r['dense_s'] * 1e3:.1f}",
+            f"{r['sparse_s'] * 1e3:.1f}",
+            f"{r['speedup']:.2f}x" if r["speedup"] else "skipped",
+            f"{r['flops_ratio']:.2f}x" if r["flops_ratio"] else "",
+            f"{r['dense_flops_share']:.0%}",
+        ]
+        for r in b["scales"]
+    ]
+    names = ["scale", "tokens", "dense ms", "ActVAR ms", "speedup", "FLOPs ratio", "FLOPs share"]
+    out.print(columns("time per scale (the transformer step, medians of the timed runs)", names, body))
+    eff = b["bound_efficiency"]
+    out.print(
+        f"outside the steps (sampling, VQVAE update): {b['outside_steps_s'] * 1e3:.1f} ms per generation; "
+        f"if every step ran at its FLOPs ratio: {b['bound_speedup']:.3f}x of the ideal {ideal:.3f}x"
+        + (f" ({eff:.0%} of the ideal gain)" if eff is not None else ""),
+        highlight=False,
+    )
 
 
 def bench_sweep(points: list[dict[str, Any]]) -> None:
@@ -194,9 +220,12 @@ def bench_sweep(points: list[dict[str, Any]]) -> None:
     names = ["model", "batch", "dense s", "ActVAR s", "speedup", "ideal", "of ideal gain"]
     out.print(columns("measured vs ideal speedup", names, body))
     for p in points:
-        if "breakdown" in p:
+        if "breakdown" in p or "by_scale" in p:
             out.print(f"{p['arch']}, batch {p['batch_size']}:", style="bold")
+        if "breakdown" in p:
             bench_breakdown(p["breakdown"])
+        if "by_scale" in p:
+            bench_scales(p["by_scale"], p["ideal_speedup"])
 
 
 def bench_breakdown(b: dict[str, Any]) -> None:

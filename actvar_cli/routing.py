@@ -26,8 +26,9 @@ from torch.utils import flop_counter
 
 KERNELS = ("auto", "grouped", "loop", "masked")
 # Below this many multiply-adds per expert (rows x C x d_e) the loop loses to the masked kernel on a
-# CPU (measured on 2 cores at C = 256, 768, 1024: docs/benchmarks.md, "The expert kernel on a CPU").
-MASKED_BELOW_MACS_PER_EXPERT = 3_000_000
+# CPU (each sparse scale's step timed in whole generations on 2 cores: docs/benchmarks.md, "The expert
+# kernel on a CPU").
+MASKED_BELOW_MACS_PER_EXPERT = 8_000_000
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:

@@ -221,3 +221,19 @@ def test_bench_and_sample_accept_actvar_models(run_cli, tmp_path):
     for key in ("speedup", "speedup_end_to_end", "ideal_speedup"):
         assert result[key] > 0
     assert result["ideal_speedup"] == pytest.approx(1 / (1 - result["savings"]))
+
+
+def test_bench_breakdown_times_components_and_scales(run_cli):
+    r = run_cli("bench", "--arch", "tiny", "--batch-size", "1", "--repeats", "1", "--breakdown", "--json")
+    result = json.loads(r.stdout)
+    assert set(result["breakdown"]["sparse"]["seconds"]) >= {"attention", "ffn", "select", "other", "total"}
+    scales = result["by_scale"]["scales"]
+    assert [s["tokens"] for s in scales] == [1, 4, 9, 16, 25, 36, 64]
+    assert [s["flops_ratio"] > 1.01 for s in scales] == [False] * 5 + [True] * 2  # the last two scales are sparse
+    steps = sum(s["dense_s"] for s in scales)
+    assert 0 < steps < result["dense"]["generation_s"]
+    assert result["by_scale"]["outside_steps_s"] == pytest.approx(result["dense"]["generation_s"] - steps)
+    assert (
+        "time per scale"
+        in run_cli("bench", "--arch", "tiny", "--batch-size", "1", "--repeats", "1", "--by-scale").stdout
+    )

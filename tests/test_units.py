@@ -5,7 +5,7 @@ import torch
 
 from actvar_cli import routing
 from actvar_cli.arguments import parse_float_list, parse_int_list, parse_set
-from actvar_cli.bench import paired_speedup
+from actvar_cli.bench import paired_speedup, scale_table
 from actvar_cli.errors import ConfigError, HubError
 from actvar_cli.hub import DownloadTarget, parse_target
 from actvar_cli.losses import kl_to_target, load_balance, soft_topk
@@ -145,6 +145,23 @@ def test_paired_speedup_compares_each_run_with_its_neighbour():
     assert paired_speedup(dense, sparse) == 2.0
     with pytest.raises(ValueError):
         paired_speedup([1.0], [1.0, 2.0])
+
+
+def test_the_per_scale_bound_is_the_speedup_of_steps_at_their_flops_ratio():
+    from actvar_cli.config import arch_config
+    from actvar_cli.flops import count_flops
+
+    flops = count_flops(arch_config("tiny"), SparsityPolicy(scales=(6, 7)))
+    dense_steps = [sum(s.dense.values()) * 1e-9 for s in flops.scales]  # time proportional to FLOPs
+    at_ratio = [sum(s.sparse.values()) * 1e-9 for s in flops.scales]
+    for outside in (0.0, 0.05):
+        steps = {"dense": [dense_steps] * 3, "sparse": [at_ratio] * 3}
+        table = scale_table(sum(dense_steps) + outside, steps, flops)
+        assert table["outside_steps_s"] == pytest.approx(outside, abs=1e-12)
+        assert [r["speedup"] for r in table["scales"]] == pytest.approx([r["flops_ratio"] for r in table["scales"]])
+        assert table["bound_speedup"] == pytest.approx((sum(dense_steps) + outside) / (sum(at_ratio) + outside))
+    assert table["bound_speedup"] < flops.dense_flops / flops.sparse_flops  # work outside the steps holds it back
+    assert scale_table(sum(dense_steps), steps, flops)["bound_efficiency"] == pytest.approx(1.0)
 
 
 def test_plot_labels_name_a_model_file_by_its_run():
