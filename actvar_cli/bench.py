@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -341,6 +342,7 @@ class BenchRequest:
     compile: bool = False
     breakdown: bool = False  # time per component (under the profiler) and per scale
     by_scale: bool = False  # time per scale only: no profiled run
+    plot: Path | None = None  # a PNG of the per-scale times
 
     def validate(self) -> None:
         from .config import arch_config
@@ -354,6 +356,11 @@ class BenchRequest:
             raise ConfigError(f"--warmup {self.warmup}: must be 0 or more (1 or more with --compile: it compiles)")
         for arch in self.archs or []:
             arch_config(arch)
+        if self.plot is not None:
+            if Path(self.plot).suffix.lower() != ".png":
+                raise ConfigError(f"--plot {self.plot}: the plot is a .png file")
+            if not (self.by_scale or self.breakdown):
+                raise ConfigError("--plot draws the time per scale", "add --by-scale")
 
 
 def bench_point(req: BenchRequest, arch: str | None, batch_size: int, progress: Progress | None) -> dict[str, Any]:
@@ -391,10 +398,16 @@ def bench_command(req: BenchRequest, progress: Progress | None = None) -> dict[s
     req.validate()
     points = [(a, b) for a in (req.archs or [None]) for b in req.batch_sizes]
     if len(points) == 1:
-        return bench_point(req, *points[0], progress)
-    results = []
-    for k, (arch, batch) in enumerate(points):
-        results.append(bench_point(req, arch, batch, None))
-        if progress:
-            progress("sweep", k + 1, len(points), f"{arch} batch {batch}")
-    return {"points": results}
+        results = [bench_point(req, *points[0], progress)]
+    else:
+        results = []
+        for k, (arch, batch) in enumerate(points):
+            results.append(bench_point(req, arch, batch, None))
+            if progress:
+                progress("sweep", k + 1, len(points), f"{arch} batch {batch}")
+    out = results[0] if len(results) == 1 else {"points": results}
+    if req.plot is not None:
+        from .plots import scale_plot
+
+        out["plot"] = str(scale_plot(results, req.plot))
+    return out

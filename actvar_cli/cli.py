@@ -296,6 +296,7 @@ def bench(
     sweep: bool = typer.Option(False, "--sweep", help="tiny, d12, d16 and d20 at batch 1, 4 and 8."),
     breakdown: bool = typer.Option(False, "--breakdown", help="Time per component and per scale, beside FLOPs shares."),
     by_scale: bool = typer.Option(False, "--by-scale", help="Time per scale beside its FLOPs ratio (no profiler run)."),
+    plot: Path | None = typer.Option(None, help="Write a PNG of the time per scale (with --by-scale)."),
     repeats: int = typer.Option(5, help="Timed runs per model, interleaved; speedup = median of run-by-run ratios."),
     warmup: int = typer.Option(1, help="Untimed runs per model first."),
     device: Device = "auto",
@@ -308,7 +309,7 @@ def bench(
 
     Examples: `actvar bench var_d16.pth actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
     `actvar bench --arch d16 --batch-size 8 --json` (random weights: timing does not depend on them) ·
-    `actvar bench --sweep --by-scale --repeats 5` · `actvar bench --arch tiny --breakdown`
+    `actvar bench --sweep --by-scale --repeats 5` · `actvar bench --arch tiny --by-scale --plot scales.png`
     """
     from .bench import SWEEP_ARCHS, SWEEP_BATCHES, BenchRequest, bench_command
 

@@ -74,3 +74,39 @@ def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) 
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
+    """One panel per benchmark point timed by scale: each scale's step, dense and ActVAR, beside the
+    time the ActVAR step would take at its FLOPs ratio; the gap between the last two is the loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .checkpoint import atomic_write_with
+
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), constrained_layout=True, squeeze=False)
+    for ax, p in zip(axes[0], points):
+        rows = p["by_scale"]["scales"]
+        x = np.arange(len(rows))
+        dense = [r["dense_s"] * 1e3 for r in rows]
+        ideal = [r["dense_s"] * 1e3 / r["flops_ratio"] if r["flops_ratio"] else 0.0 for r in rows]
+        ax.bar(x - 0.27, dense, 0.27, color="0.6", label="dense")
+        ax.bar(x, [r["sparse_s"] * 1e3 for r in rows], 0.27, color="tab:blue", label="ActVAR")
+        ax.bar(x + 0.27, ideal, 0.27, color="tab:green", alpha=0.5, label="ActVAR at its FLOPs ratio")
+        ax.set_xticks(x, [f"{r['scale']}\n{r['tokens']}" for r in rows], fontsize=8)
+        ax.set_xlabel("scale / tokens per image")
+        ax.set_ylabel("ms per step")
+        ax.set_title(
+            f"{p['arch']}, batch {p['batch_size']}: {p['speedup']:.2f}x of {p['ideal_speedup']:.2f}x ideal, "
+            f"bound {p['by_scale']['bound_speedup']:.2f}x",
+            fontsize=9,
+        )
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    path = Path(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path

@@ -146,7 +146,14 @@ def paper_table(rows: list[dict[str, Any]]) -> None:
 
 def bench_result(result: dict[str, Any]) -> None:
     if "points" in result:
-        return bench_sweep(result["points"])
+        bench_sweep(result["points"])
+    else:
+        bench_point(result)
+    if result.get("plot"):
+        out.print(f"plot: {result['plot']}", highlight=False)
+
+
+def bench_point(result: dict[str, Any]) -> None:
     rows = []
     for name in ("dense", "sparse"):
         r = result[name]

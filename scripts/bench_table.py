@@ -1,6 +1,7 @@
 """Markdown tables for docs/benchmarks.md from `actvar bench --json` outputs, with the goals marked.
 
-Usage: python scripts/bench_table.py runs/bench/sweep.json [runs/bench/breakdown-*.json ...]
+Usage: python scripts/bench_table.py runs/bench/*.json  (sweeps and single points; a point with a
+breakdown gets its component table, every point timed ``--by-scale`` its per-scale table)
 """
 
 import json
@@ -16,8 +17,16 @@ GOALS = {  # (arch, batch) -> least share of the ideal gain (issue 11); every po
 }
 
 
-def sweep(path: str) -> None:
-    points = json.load(open(path))["points"]
+def load_points(paths: list[str]) -> list[dict]:
+    """Every point of every file: a sweep's ``points`` or a single result."""
+    points = []
+    for path in paths:
+        r = json.load(open(path))
+        points += r.get("points", [r])
+    return points
+
+
+def sweep(points: list[dict]) -> None:
     print("| model | batch | dense s | ActVAR s | speedup | ideal | share of the ideal gain | goal |")
     print("|---|---|---|---|---|---|---|---|")
     for p in points:
@@ -31,8 +40,24 @@ def sweep(path: str) -> None:
         )
 
 
-def breakdown(path: str) -> None:
-    r = json.load(open(path))
+def by_scale(r: dict) -> None:
+    b = r["by_scale"]
+    print(f"\n{r['arch']}, batch {r['batch_size']}: each scale's step, medians of {r['repeats']} runs\n")
+    print("| scale | tokens | dense ms | ActVAR ms | speedup | FLOPs ratio | share of dense FLOPs |")
+    print("|---|---|---|---|---|---|---|")
+    for x in b["scales"]:
+        speed = f"{x['speedup']:.2f}x" if x["speedup"] else "skipped"
+        print(
+            f"| {x['scale']} | {x['tokens']} | {x['dense_s'] * 1e3:.1f} | {x['sparse_s'] * 1e3:.1f} | {speed} "
+            f"| {x['flops_ratio']:.2f}x | {x['dense_flops_share']:.0%} |"
+        )
+    print(
+        f"\nOutside the steps: {b['outside_steps_s'] * 1e3:.1f} ms. Every step at its FLOPs ratio would give "
+        f"{b['bound_speedup']:.3f}x ({b['bound_efficiency']:.0%} of the ideal gain); measured {r['speedup']:.3f}x."
+    )
+
+
+def breakdown(r: dict) -> None:
     b = r["breakdown"]
     d, s = b["dense"], b["sparse"]
     print(f"\n{r['arch']}, batch {r['batch_size']}: one generation and decode\n")
@@ -51,6 +76,10 @@ def breakdown(path: str) -> None:
 
 
 if __name__ == "__main__":
-    sweep(sys.argv[1])
-    for extra in sys.argv[2:]:
-        breakdown(extra)
+    points = load_points(sys.argv[1:])
+    sweep([p for p in points if "breakdown" not in p])
+    for p in points:
+        if "breakdown" in p:
+            breakdown(p)
+        if "by_scale" in p:
+            by_scale(p)
