@@ -87,8 +87,12 @@ def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
 
     from .checkpoint import atomic_write_with
 
-    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), constrained_layout=True, squeeze=False)
-    for ax, p in zip(axes[0], points):
+    cols = min(2, len(points))
+    rows_n = -(-len(points) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(points) :]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, points):
         rows = p["by_scale"]["scales"]
         x = np.arange(len(rows))
         dense = [r["dense_s"] * 1e3 for r in rows]

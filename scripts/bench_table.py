@@ -1,7 +1,8 @@
 """Markdown tables for docs/benchmarks.md from `actvar bench --json` outputs, with the goals marked.
 
 Usage: python scripts/bench_table.py runs/bench/*.json  (sweeps and single points; a point with a
-breakdown gets its component table, every point timed ``--by-scale`` its per-scale table)
+breakdown gets its component table, every point timed ``--by-scale`` its per-scale table);
+add ``--plot PATH tiny:8,d16:4`` for the per-scale picture of those points.
 """
 
 import json
@@ -75,11 +76,27 @@ def breakdown(r: dict) -> None:
         )
 
 
+def plot(points: list[dict], path: str, which: str) -> None:
+    """The per-scale picture of the points named ``arch:batch,...`` (docs/benchmarks-scales.png)."""
+    from actvar_cli.plots import scale_plot
+
+    chosen = [(a, int(b)) for a, b in (w.split(":") for w in which.split(","))]
+    by_key = {(p["arch"], p["batch_size"]): p for p in points if "by_scale" in p}
+    print(f"\nplot: {scale_plot([by_key[k] for k in chosen], path)}")
+
+
 if __name__ == "__main__":
-    points = load_points(sys.argv[1:])
+    args = sys.argv[1:]
+    plot_args = None
+    if "--plot" in args:  # --plot PATH ARCH:BATCH,...
+        i = args.index("--plot")
+        plot_args, args = args[i + 1 : i + 3], args[:i] + args[i + 3 :]
+    points = load_points(args)
     sweep([p for p in points if "breakdown" not in p])
     for p in points:
         if "breakdown" in p:
             breakdown(p)
         if "by_scale" in p:
             by_scale(p)
+    if plot_args:
+        plot(points, *plot_args)

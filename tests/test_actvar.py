@@ -223,7 +223,7 @@ def test_bench_and_sample_accept_actvar_models(run_cli, tmp_path):
     assert result["ideal_speedup"] == pytest.approx(1 / (1 - result["savings"]))
 
 
-def test_bench_breakdown_times_components_and_scales(run_cli):
+def test_bench_breakdown_times_components_and_scales(run_cli, tmp_path):
     r = run_cli("bench", "--arch", "tiny", "--batch-size", "1", "--repeats", "1", "--breakdown", "--json")
     result = json.loads(r.stdout)
     assert set(result["breakdown"]["sparse"]["seconds"]) >= {"attention", "ffn", "select", "other", "total"}
@@ -233,7 +233,6 @@ def test_bench_breakdown_times_components_and_scales(run_cli):
     steps = sum(s["dense_s"] for s in scales)
     assert 0 < steps < result["dense"]["generation_s"]
     assert result["by_scale"]["outside_steps_s"] == pytest.approx(result["dense"]["generation_s"] - steps)
-    assert (
-        "time per scale"
-        in run_cli("bench", "--arch", "tiny", "--batch-size", "1", "--repeats", "1", "--by-scale").stdout
-    )
+    plot = tmp_path / "scales.png"
+    r = run_cli("bench", "--arch", "tiny", "--batch-size", "1", "--repeats", "1", "--by-scale", "--plot", plot)
+    assert "time per scale" in r.stdout and plot.stat().st_size > 10_000

@@ -176,6 +176,8 @@ def test_a_token_cache_made_with_another_vae_is_refused(tiny_actvar, tmp_path):
         (["distill-stage1", "{model}", "--out-dir", "{tmp}/d", "--set", "lr"], "not KEY=VALUE"),
         (["bench", "--arch", "tiny", "--repeats", "0"], "--repeats 0"),
         (["bench", "--arch", "d99"], "unknown architecture"),
+        (["bench", "--arch", "tiny", "--by-scale", "--plot", "{tmp}/s.jpg"], "the plot is a .png file"),
+        (["bench", "--arch", "tiny", "--plot", "{tmp}/s.png"], "add --by-scale"),
         (["flops", "--arch", "d16", "--token-rates", "0.5,0.6,0.7"], "2 sparse scales but 3 token rates"),
         (["moefy", "tiny", "-o", "{tmp}"], "is a folder"),
         (["moefy", "tiny", "-o", "{tmp}/m.safetensors", "--experts", "1"], "need at least 2 experts"),

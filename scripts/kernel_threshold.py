@@ -1,0 +1,29 @@
+"""Where the masked expert kernel beats the per-expert loop, timed inside whole generations.
+
+Each sparse scale's step is timed in interleaved dense/ActVAR runs (`bench --by-scale`) with the
+masked kernel's threshold set so that a scale takes one kernel or the other; docs/benchmarks.md,
+"The expert kernel on a CPU". Usage: python scripts/kernel_threshold.py [ARCH] [BATCH] [REPEATS]
+"""
+
+import sys
+
+import torch
+
+from actvar_cli import routing
+from actvar_cli.bench import bench, load_pair
+
+arch = sys.argv[1] if len(sys.argv) > 1 else "tiny"
+batch, repeats = (int(a) for a in (sys.argv[2:4] if len(sys.argv) > 3 else (8, 9)))
+dense, sparse, vae, _ = load_pair(None, None, arch, None)
+C, d_e = dense.cfg.embed_dim, dense.cfg.ffn_dim // 16
+for threshold in (1e3, 1e12):  # every scale takes the loop, then every scale takes the masked kernel
+    routing.MASKED_BELOW_MACS_PER_EXPERT = threshold
+    r = bench(dense, sparse, vae, torch.device("cpu"), "fp32", batch, repeats, by_scale=True)
+    kernel = "loop" if threshold < 1e6 else "masked"
+    for row in r["by_scale"]["scales"]:
+        if row["flops_ratio"] and row["flops_ratio"] > 1.01:
+            rows = 2 * batch * round(row["tokens"] * 0.75) * 12 / 16  # CFG rows x kept tokens x 12 of 16 experts
+            print(
+                f"{arch} batch {batch} scale {row['scale']}: {rows * C * d_e / 1e6:.1f} M multiply-adds per expert, "
+                f"{kernel}: {row['speedup']:.2f}x (whole generation {r['speedup']:.3f}x)"
+            )
