@@ -83,11 +83,15 @@ def timed_steps(model: VAR, device: torch.device) -> Iterator[list[float]]:
         seconds.append(time.perf_counter() - t0)
         return logits
 
+    own = vars(model).get("generation_step")  # a compiled step (--compile) is an instance attribute too
     model.generation_step = timed  # an instance attribute shadows the method until removed
     try:
         yield seconds
     finally:
-        del model.generation_step
+        if own is None:
+            del model.generation_step
+        else:
+            model.generation_step = own
 
 
 def _one_run(

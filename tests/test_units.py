@@ -5,7 +5,7 @@ import torch
 
 from actvar_cli import routing
 from actvar_cli.arguments import parse_float_list, parse_int_list, parse_set
-from actvar_cli.bench import paired_speedup, scale_table
+from actvar_cli.bench import paired_speedup, scale_table, timed_steps
 from actvar_cli.errors import ConfigError, HubError
 from actvar_cli.hub import DownloadTarget, parse_target
 from actvar_cli.losses import kl_to_target, load_balance, soft_topk
@@ -162,6 +162,20 @@ def test_the_per_scale_bound_is_the_speedup_of_steps_at_their_flops_ratio():
         assert table["bound_speedup"] == pytest.approx((sum(dense_steps) + outside) / (sum(at_ratio) + outside))
     assert table["bound_speedup"] < flops.dense_flops / flops.sparse_flops  # work outside the steps holds it back
     assert scale_table(sum(dense_steps), steps, flops)["bound_efficiency"] == pytest.approx(1.0)
+
+
+def test_timing_steps_leaves_a_compiled_step_in_place():
+    class Model:
+        def generation_step(self, x):
+            return x + 1
+
+    compiled, plain = Model(), Model()
+    compiled.generation_step = step = lambda x: x + 2  # what compile_steps does
+    for model, expected in ((compiled, 3), (plain, 2)):
+        with timed_steps(model, torch.device("cpu")) as seconds:
+            assert model.generation_step(1) == expected
+        assert len(seconds) == 1
+    assert compiled.generation_step is step and "generation_step" not in vars(plain)
 
 
 def test_plot_labels_name_a_model_file_by_its_run():
