@@ -72,7 +72,7 @@ class PeakMemory:
 @contextlib.contextmanager
 def timed_steps(model: VAR, device: torch.device) -> Iterator[list[float]]:
     """Seconds of each ``generation_step`` (one per scale) while inside. On CUDA each step then
-    ends in a host sync, so only ``--breakdown`` asks for it."""
+    ends in a host sync, so only ``--by-scale`` and ``--breakdown`` ask for it."""
     seconds: list[float] = []
     step = model.generation_step
 
@@ -118,6 +118,11 @@ def _one_run(
             synchronize(device)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, mem.peak
+
+
+def share_of_ideal(speedup: float, ideal: float) -> float | None:
+    """(speedup - 1) / (ideal - 1): how much of the FLOPs' promised gain the clock shows."""
+    return (speedup - 1) / (ideal - 1) if ideal > 1 else None
 
 
 def paired_speedup(dense_runs: list[float], other_runs: list[float]) -> float:
@@ -200,18 +205,20 @@ def bench(
         "speedup": speedup,
         "speedup_end_to_end": d["end_to_end_s"] / (d["generation_s"] / speedup + s["decode_s"]),
         "ideal_speedup": ideal,
-        "efficiency": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
+        "efficiency": share_of_ideal(speedup, ideal),
         "dense_flops": flops.dense_flops,
         "sparse_flops": flops.sparse_flops,
         "savings": flops.savings,
         "memory_kind": PeakMemory(device).kind,
     }
     if by_scale:
-        out["by_scale"] = scale_table(d["generation_s"], steps, flops)
+        out["by_scale"] = scale_table(d["generation_s"], steps, flops, ideal)
     return out
 
 
-def scale_table(dense_generation_s: float, steps: dict[str, list[list[float]]], flops: FlopsReport) -> dict[str, Any]:
+def scale_table(
+    dense_generation_s: float, steps: dict[str, list[list[float]]], flops: FlopsReport, ideal: float
+) -> dict[str, Any]:
     """Each scale's step, dense and sparse (medians over runs), beside its FLOPs ratio; and the
     *bound*: the whole speedup if every step ran at its own FLOPs ratio while the work outside the
     steps (sampling, the VQVAE's residual update) stayed as it is."""
@@ -234,12 +241,11 @@ def scale_table(dense_generation_s: float, steps: dict[str, list[list[float]]], 
         )
     outside = dense_generation_s - sum(r["dense_s"] for r in rows)
     bound = dense_generation_s / (bound_s + outside)
-    ideal = flops.dense_flops / flops.sparse_flops
     return {
         "scales": rows,
         "outside_steps_s": outside,
         "bound_speedup": bound,
-        "bound_efficiency": (bound - 1) / (ideal - 1) if ideal > 1 else None,
+        "bound_efficiency": share_of_ideal(bound, ideal),
     }
 
 
@@ -401,15 +407,13 @@ def bench_command(req: BenchRequest, progress: Progress | None = None) -> dict[s
     """One comparison, or a sweep over architectures and batch sizes (``{"points": [...]}``)."""
     req.validate()
     points = [(a, b) for a in (req.archs or [None]) for b in req.batch_sizes]
-    if len(points) == 1:
-        results = [bench_point(req, *points[0], progress)]
-    else:
-        results = []
-        for k, (arch, batch) in enumerate(points):
-            results.append(bench_point(req, arch, batch, None))
-            if progress:
-                progress("sweep", k + 1, len(points), f"{arch} batch {batch}")
-    out = results[0] if len(results) == 1 else {"points": results}
+    single = len(points) == 1  # one point shows its runs' progress, a sweep its points'
+    results = []
+    for k, (arch, batch) in enumerate(points):
+        results.append(bench_point(req, arch, batch, progress if single else None))
+        if progress and not single:
+            progress("sweep", k + 1, len(points), f"{arch} batch {batch}")
+    out = results[0] if single else {"points": results}
     if req.plot is not None:
         from .plots import scale_plot
 

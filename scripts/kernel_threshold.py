@@ -11,18 +11,20 @@ import torch
 
 from actvar_cli import routing
 from actvar_cli.bench import bench, load_pair
+from actvar_cli.flops import count_flops
 
 arch = sys.argv[1] if len(sys.argv) > 1 else "tiny"
 batch, repeats = (int(a) for a in (sys.argv[2:4] if len(sys.argv) > 3 else (8, 9)))
 dense, sparse, vae, _ = load_pair(None, None, arch, None)
-C, d_e = dense.cfg.embed_dim, dense.cfg.ffn_dim // 16
+C, d_e = dense.cfg.embed_dim, dense.cfg.ffn_dim // sparse.cfg.num_experts
+flops = count_flops(sparse.cfg, sparse.policy)
 for threshold in (1e3, 1e12):  # every scale takes the loop, then every scale takes the masked kernel
     routing.MASKED_BELOW_MACS_PER_EXPERT = threshold
     r = bench(dense, sparse, vae, torch.device("cpu"), "fp32", batch, repeats, by_scale=True)
     kernel = "loop" if threshold < 1e6 else "masked"
-    for row in r["by_scale"]["scales"]:
-        if row["flops_ratio"] and row["flops_ratio"] > 1.01:
-            rows = 2 * batch * round(row["tokens"] * 0.75) * 12 / 16  # CFG rows x kept tokens x 12 of 16 experts
+    for row, sf in zip(r["by_scale"]["scales"], flops.scales):
+        if sf.kept_experts < sparse.cfg.num_experts:
+            rows = 2 * batch * sf.kept_tokens * sf.kept_experts / sparse.cfg.num_experts  # per expert, CFG rows
             print(
                 f"{arch} batch {batch} scale {row['scale']}: {rows * C * d_e / 1e6:.1f} M multiply-adds per expert, "
                 f"{kernel}: {row['speedup']:.2f}x (whole generation {r['speedup']:.3f}x)"
