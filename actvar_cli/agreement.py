@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import autocast
 from .model import VAR
 from .policy import SparsityPolicy
 from .progress import Progress
+from .runtime import CPU, Runtime
 from .sampling import SamplingOptions, decode_images, generate, image_generators, image_seed
 from .vqvae import VQVAE
 
@@ -31,47 +31,20 @@ def held_out_rng(seed: int, ids: list[int], device) -> list[torch.Generator]:
     return image_generators(seed + EVAL_SEED_OFFSET, ids, device)
 
 
-def held_out_batches(teacher: VAR, vae: VQVAE, num: int, batch_size: int, seed: int, device, dtype, opts):
+def held_out_batches(
+    teacher: VAR, vae: VQVAE, *, num: int, batch_size: int, seed: int, runtime: Runtime, opts: SamplingOptions
+):
     """(ids, labels, teacher generation, teacher-forcing input) batches sampled by the teacher,
     seeded away from every seed a training run uses."""
     eval_seed = seed + EVAL_SEED_OFFSET
+    device = runtime.device
     for s in range(0, num, batch_size):
         ids = list(range(s, min(num, s + batch_size)))
         labels = held_out_labels(eval_seed, ids, teacher.num_classes, device)
-        with autocast(device, dtype):
+        with runtime.autocast():
             gen = generate(teacher, vae, labels, opts, rng=held_out_rng(seed, ids, device))
             x = vae.quantize.idx_to_var_input(gen.tokens)
         yield ids, labels, gen, x
-
-
-@torch.no_grad()
-def routing_agreement(
-    student: VAR,
-    teacher: VAR,
-    vae: VQVAE,
-    num: int = 16,
-    batch_size: int = 8,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    dtype: str = "fp32",
-    temperature: float = 1.0,
-) -> dict[str, float]:
-    """How often routers pick the experts, and selectors the tokens, that stage 1's
-    pseudo-labels name (held-out teacher pyramids); with the distillation losses."""
-    from .losses import stage1_loss
-
-    device = torch.device(device)
-    segments = student.sparse_segments(student.policy)
-    sums: dict[str, float] = {}
-    count = 0
-    for _, labels, gen, x in held_out_batches(teacher, vae, num, batch_size, seed, device, dtype, SamplingOptions()):
-        with autocast(device, dtype):
-            out = student.forward_train(labels, x, student.policy, collect_aux=True)
-            _, terms = stage1_loss(student, out, torch.cat(gen.tokens, 1), segments, 0.0, 0.0, temperature)
-        for k in ("router_agreement", "selector_agreement", "dis_w", "dis_t"):
-            sums[k] = sums.get(k, 0.0) + float(terms[k]) * len(labels)
-        count += len(labels)
-    return {k: v / count for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -79,11 +52,11 @@ def teacher_agreement(
     student: VAR,
     teacher: VAR,
     vae: VQVAE,
+    *,
     num: int = 32,
     batch_size: int = 8,
     seed: int = 0,
-    device: torch.device | str = "cpu",
-    dtype: str = "fp32",
+    runtime: Runtime = CPU,
     policy: SparsityPolicy | None = None,
     opts: SamplingOptions = SamplingOptions(),
     psnr_images: int | None = None,
@@ -93,14 +66,14 @@ def teacher_agreement(
     per scale, how often the student's argmax token is the teacher's and KL(teacher || student);
     and the PSNR between teacher and student images generated from the same seeds (for the
     first ``psnr_images`` of those pyramids, at most ``num``)."""
-    device = torch.device(device)
     policy = policy if policy is not None else student.policy
     S = len(student.cfg.patch_nums)
     agree, kl, count = np.zeros(S), np.zeros(S), 0
     n_img = num if psnr_images is None else min(psnr_images, num)
     psnr: list[float] = []
-    for ids, labels, gen, x in held_out_batches(teacher, vae, num, batch_size, seed, device, dtype, opts):
-        with autocast(device, dtype):
+    batches = held_out_batches(teacher, vae, num=num, batch_size=batch_size, seed=seed, runtime=runtime, opts=opts)
+    for ids, labels, gen, x in batches:
+        with runtime.autocast():
             t_logits = teacher.forward_train(labels, x).logits.float()
             s_logits = student.forward_train(labels, x, policy).logits.float()
         t_logp, s_logp = t_logits.log_softmax(-1), s_logits.log_softmax(-1)
@@ -112,10 +85,16 @@ def teacher_agreement(
         count += len(labels)
         k = max(0, min(len(ids), n_img - ids[0]))  # how many of this batch's images enter the PSNR
         if k:
-            psnr += image_psnr(student, vae, gen.f_hat[:k], labels[:k], ids[:k], seed, device, dtype, policy, opts)
+            with runtime.autocast():
+                mine = generate(student, vae, labels[:k], opts, rng=held_out_rng(seed, ids[:k], runtime.device),
+                                policy=policy)  # fmt: skip
+            psnr += image_psnr(decode_images(vae, gen.f_hat[:k]), decode_images(vae, mine.f_hat))
         if progress:
             progress("teacher forcing", count, num)
-    agree, kl = agree / count, kl / count
+    return _summary(student, policy, agree / count, kl / count, num, psnr)
+
+
+def _summary(student: VAR, policy, agree, kl, num: int, psnr: list[float]) -> dict[str, Any]:
     sparse = sorted({s - 1 for s in (policy.scales if policy else ())})
     per_scale = [
         {"scale": si + 1, "tokens": pn * pn, "sparse": si in sparse, "token_agreement": agree[si], "logit_kl": kl[si]}
@@ -134,10 +113,7 @@ def teacher_agreement(
     return result
 
 
-@torch.no_grad()
-def image_psnr(student, vae, teacher_fhat, labels, ids, seed, device, dtype, policy, opts) -> list[float]:
-    """PSNR (dB) of each teacher image against the student's image from the same per-image seed."""
-    with autocast(device, dtype):
-        gen = generate(student, vae, labels, opts, rng=held_out_rng(seed, ids, device), policy=policy)
-    mse = (decode_images(vae, teacher_fhat) - decode_images(vae, gen.f_hat)).square().flatten(1).mean(1)
+def image_psnr(teacher_B3HW: torch.Tensor, student_B3HW: torch.Tensor) -> list[float]:
+    """PSNR (dB) of each pair of images in [0, 1]."""
+    mse = (teacher_B3HW - student_B3HW).square().flatten(1).mean(1)
     return (10 * torch.log10(1 / mse.clamp_min(1e-10))).tolist()

@@ -13,17 +13,16 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .device import autocast, synchronize
 from .flops import FlopsReport, count_flops
 from .model import VAR
 from .policy import SparsityPolicy
+from .profiling import time_components
 from .progress import Progress
+from .runtime import Runtime
 from .sampling import SamplingOptions, decode_images, generate, image_generators
 from .vqvae import VQVAE
 
@@ -70,7 +69,7 @@ class PeakMemory:
 
 
 @contextlib.contextmanager
-def timed_steps(model: VAR, device: torch.device) -> Iterator[list[float]]:
+def timed_steps(model: VAR, runtime: Runtime) -> Iterator[list[float]]:
     """Seconds of each ``generation_step`` (one per scale) while inside. On CUDA each step then
     ends in a host sync, so only ``--by-scale`` and ``--breakdown`` ask for it."""
     seconds: list[float] = []
@@ -79,7 +78,7 @@ def timed_steps(model: VAR, device: torch.device) -> Iterator[list[float]]:
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
         logits = step(*args, **kwargs)
-        synchronize(device)
+        runtime.synchronize()
         seconds.append(time.perf_counter() - t0)
         return logits
 
@@ -94,28 +93,28 @@ def timed_steps(model: VAR, device: torch.device) -> Iterator[list[float]]:
             model.generation_step = own
 
 
-def _one_run(
+def one_run(
     model: VAR,
     vae: VQVAE,
     labels: torch.Tensor,
+    *,
     seed: int,
-    opts: SamplingOptions,
     policy: SparsityPolicy | None,
-    device: torch.device,
-    dtype: str,
+    runtime: Runtime,
     decode: bool = True,
 ) -> tuple[float, float, int]:
-    rng = image_generators(seed, range(labels.shape[0]), device)
-    with PeakMemory(device) as mem:
-        synchronize(device)
+    """(generation seconds, decode seconds, peak memory in bytes) of one batch."""
+    rng = image_generators(seed, range(labels.shape[0]), runtime.device)
+    with PeakMemory(runtime.device) as mem:
+        runtime.synchronize()
         t0 = time.perf_counter()
-        with autocast(device, dtype):
-            gen = generate(model, vae, labels, opts, rng=rng, policy=policy)
-        synchronize(device)
+        with runtime.autocast():
+            gen = generate(model, vae, labels, SamplingOptions(), rng=rng, policy=policy)
+        runtime.synchronize()
         t1 = time.perf_counter()
         if decode:
             decode_images(vae, gen.f_hat)
-            synchronize(device)
+            runtime.synchronize()
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, mem.peak
 
@@ -144,21 +143,20 @@ def bench(
     dense: VAR,
     sparse: VAR,
     vae: VQVAE,
-    device: torch.device,
-    dtype: str = "fp32",
+    *,
+    runtime: Runtime,
     batch_size: int = 8,
     repeats: int = 5,
     warmup: int = 1,
-    classes: tuple[int, ...] | None = None,
     seed: int = 0,
     policy: SparsityPolicy | None = None,
     progress: Progress | None = None,
     by_scale: bool = False,
 ) -> dict[str, Any]:
+    """Dense and sparse generation timed side by side, in alternating runs of the same batch."""
     policy = policy or sparse.policy
-    classes = classes or bench_classes(dense.num_classes)
-    labels = torch.tensor([classes[i % len(classes)] for i in range(batch_size)], device=device)
-    opts = SamplingOptions()
+    classes = bench_classes(dense.num_classes)
+    labels = torch.tensor([classes[i % len(classes)] for i in range(batch_size)], device=runtime.device)
     runs: dict[str, list[tuple[float, float, int]]] = {"dense": [], "sparse": []}
     steps: dict[str, list[list[float]]] = {"dense": [], "sparse": []}  # per run, seconds of each scale's step
     total = 2 * (warmup + repeats)
@@ -167,8 +165,8 @@ def bench(
         for r in range(warmup + repeats):
             for name, model, pol in (("dense", dense, None), ("sparse", sparse, policy)):
                 # the VQVAE decode is the same work for both models: timed once each
-                with timed_steps(model, device) if by_scale else contextlib.nullcontext([]) as step_s:
-                    result = _one_run(model, vae, labels, seed, opts, pol, device, dtype, decode=r == warmup)
+                with timed_steps(model, runtime) if by_scale else contextlib.nullcontext([]) as step_s:
+                    result = one_run(model, vae, labels, seed=seed, policy=pol, runtime=runtime, decode=r == warmup)
                 if r >= warmup:
                     runs[name].append(result)
                     steps[name].append(step_s)
@@ -194,8 +192,7 @@ def bench(
     ideal = flops.dense_flops / flops.sparse_flops
     speedup = paired_speedup([t for t, _, _ in runs["dense"]], [t for t, _, _ in runs["sparse"]])
     out = {
-        "device": str(device),
-        "dtype": dtype,
+        **runtime.describe(),
         "batch_size": batch_size,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
@@ -209,7 +206,7 @@ def bench(
         "dense_flops": flops.dense_flops,
         "sparse_flops": flops.sparse_flops,
         "savings": flops.savings,
-        "memory_kind": PeakMemory(device).kind,
+        "memory_kind": PeakMemory(runtime.device).kind,
     }
     if by_scale:
         out["by_scale"] = scale_table(d["generation_s"], steps, flops, ideal)
@@ -249,62 +246,6 @@ def scale_table(
     }
 
 
-def load_pair(dense: str | None, sparse: str | None, arch: str | None, vae: str | None) -> tuple[VAR, VAR, VQVAE, str]:
-    """The two models to compare and a VAE, from files or (``arch``) with random weights.
-
-    Timing does not depend on the weights, so ``--arch`` converts a random model in memory
-    (router and selector from weight statistics: no calibration needed to time it), and a
-    missing VAE is replaced by one of the right shape with random weights.
-    """
-    from .checkpoint import load_vae, load_var
-    from .config import BUILTIN_NAME, VAEConfig, arch_config
-    from .conversion import MoefyOptions, moefy
-    from .errors import ConfigError
-    from .method_specs import last
-    from .random_weights import random_state_dict
-
-    notes = []
-    if arch is not None:
-        if dense or sparse:
-            raise ConfigError("give --arch or two checkpoints, not both")
-        cfg = arch_config(arch)
-        sd = random_state_dict(VAR(cfg), 0)
-        dense_model = _from_sd(cfg, sd)
-        policy = SparsityPolicy(scales=last(len(cfg.patch_nums), 2))  # the paper's default: the last two scales
-        sparse_model, _ = moefy(_from_sd(cfg, sd), None, MoefyOptions(calib_images=0, policy=policy))
-        notes.append(f"random {arch} weights, converted in memory with the default policy")
-    else:
-        if not (dense and sparse):
-            raise ConfigError("give the dense and the ActVAR checkpoint (or --arch)")
-        dense_model, _ = load_var(dense)
-        sparse_model, info = load_var(sparse)
-        if info.kind != "actvar":
-            raise ConfigError(f"{sparse} is not an ActVAR model", "convert it first with `actvar moefy`")
-        if sparse_model.cfg.replace(num_experts=0) != dense_model.cfg:
-            raise ConfigError("the two models have different architectures")
-    if vae is not None:
-        vae_model, _ = load_vae(vae, dense_model.cfg.patch_nums)
-    elif dense_model.cfg == arch_config(BUILTIN_NAME):
-        vae_model, _ = load_vae(BUILTIN_NAME, dense_model.cfg.patch_nums)
-    else:
-        vae_cfg = VAEConfig(patch_nums=dense_model.cfg.patch_nums)
-        with torch.device("meta"):
-            vae_model = VQVAE(vae_cfg)
-        vae_model.load_state_dict(random_state_dict(VQVAE(vae_cfg), 1), assign=True)
-        vae_model.eval().requires_grad_(False)
-        notes.append(f"decode timed with a random-weight VQVAE (ch={vae_cfg.ch})")
-    return dense_model, sparse_model, vae_model, "; ".join(notes)
-
-
-def _from_sd(cfg, sd) -> VAR:
-    with torch.device("meta"):
-        model = VAR(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)  # the models may share tensors: inference never writes them
-    return model.eval().requires_grad_(False)
-
-
-SWEEP_ARCHS = ("tiny", "d12", "d16", "d20")
-SWEEP_BATCHES = (1, 4, 8)
 COMPONENT_FLOPS = {  # which FLOPs counter components each timed component runs
     "attention": ("qkv", "attention", "proj"),
     "ffn": ("ffn", "router"),
@@ -314,108 +255,22 @@ COMPONENT_FLOPS = {  # which FLOPs counter components each timed component runs
 }
 
 
-def breakdown(dense: VAR, sparse: VAR, vae: VQVAE, device, dtype: str, batch_size: int, seed: int = 0) -> dict:
+def breakdown(dense: VAR, sparse: VAR, vae: VQVAE, *, runtime: Runtime, batch_size: int, seed: int = 0) -> dict:
     """Seconds per component of one generation and decode, dense and sparse, beside each component's
     share of the FLOPs (the decode is not counted in FLOPs)."""
-    from .profiling import time_components
-
-    labels = torch.tensor([i % dense.num_classes for i in range(batch_size)], device=device)
+    labels = torch.tensor([i % dense.num_classes for i in range(batch_size)], device=runtime.device)
     out: dict[str, Any] = {}
     flops = count_flops(sparse.cfg.replace(num_experts=0), sparse.policy, sparse.cfg.num_experts)
     for name, model, pol, which in (("dense", dense, None, "dense"), ("sparse", sparse, sparse.policy, "sparse")):
-        _one_run(model, vae, labels, seed, SamplingOptions(), pol, device, dtype)  # warm up
-        seconds = time_components(
-            lambda m=model, p=pol: _one_run(m, vae, labels, seed, SamplingOptions(), p, device, dtype), device
-        )
+
+        def once(m=model, p=pol):
+            return one_run(m, vae, labels, seed=seed, policy=p, runtime=runtime)
+
+        once()  # warm up
+        seconds = time_components(once, runtime)
         comp = flops.by_component(which)
         total_flops = sum(comp.values())
         share = {c: sum(comp[k] for k in keys) / total_flops for c, keys in COMPONENT_FLOPS.items()}
         share["other"] = 1 - sum(share.values())
         out[name] = {"seconds": seconds, "flops_share": share}
-    return out
-
-
-@dataclass
-class BenchRequest:
-    """What ``actvar bench`` was asked for (several architectures and batch sizes make a sweep)."""
-
-    dense: str | None = None
-    sparse: str | None = None
-    archs: list[str] | None = None
-    vae: str | None = None
-    batch_sizes: list[int] = field(default_factory=lambda: [8])
-    repeats: int = 5
-    warmup: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    compile: bool = False
-    breakdown: bool = False  # time per component (under the profiler) and per scale
-    by_scale: bool = False  # time per scale only: no profiled run
-    plot: Path | None = None  # a PNG of the per-scale times
-
-    def validate(self) -> None:
-        from .config import arch_config
-        from .errors import ConfigError
-
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ConfigError(f"--batch-size {self.batch_sizes}: every batch size must be at least 1")
-        if self.repeats < 1:
-            raise ConfigError(f"--repeats {self.repeats}: must be at least 1")
-        if self.warmup < 0 or (self.compile and self.warmup < 1):
-            raise ConfigError(f"--warmup {self.warmup}: must be 0 or more (1 or more with --compile: it compiles)")
-        for arch in self.archs or []:
-            arch_config(arch)
-        if self.plot is not None:
-            if Path(self.plot).suffix.lower() != ".png":
-                raise ConfigError(f"--plot {self.plot}: the plot is a .png file")
-            if not (self.by_scale or self.breakdown):
-                raise ConfigError("--plot draws the time per scale", "add --by-scale")
-
-
-def bench_point(req: BenchRequest, arch: str | None, batch_size: int, progress: Progress | None) -> dict[str, Any]:
-    from .device import pick_device, resolve_dtype
-    from .sampling import compile_steps
-
-    dev = pick_device(req.device)
-    dt = resolve_dtype(req.dtype, dev)
-    dense_model, sparse_model, vae_model, note = load_pair(req.dense, req.sparse, arch, req.vae)
-    for m in (dense_model, sparse_model, vae_model):
-        m.to(dev)
-    if req.compile:
-        compile_steps(dense_model), compile_steps(sparse_model)
-    result = bench(
-        dense_model,
-        sparse_model,
-        vae_model,
-        dev,
-        dt,
-        batch_size,
-        req.repeats,
-        req.warmup,
-        seed=req.seed,
-        progress=progress,
-        by_scale=req.by_scale or req.breakdown,
-    )
-    result.update({"arch": arch or req.dense, "note": note, "compiled": req.compile})
-    if req.breakdown:
-        result["breakdown"] = breakdown(dense_model, sparse_model, vae_model, dev, dt, batch_size, req.seed)
-    return result
-
-
-def bench_command(req: BenchRequest, progress: Progress | None = None) -> dict[str, Any]:
-    """One comparison, or a sweep over architectures and batch sizes (``{"points": [...]}``)."""
-    req.validate()
-    points = [(a, b) for a in (req.archs or [None]) for b in req.batch_sizes]
-    single = len(points) == 1  # one point shows its runs' progress, a sweep its points'
-    results = []
-    for k, (arch, batch) in enumerate(points):
-        results.append(bench_point(req, arch, batch, progress if single else None))
-        if progress and not single:
-            progress("sweep", k + 1, len(points), f"{arch} batch {batch}")
-    out = results[0] if single else {"points": results}
-    if req.plot is not None:
-        from .plots import scale_plot
-
-        out["plot"] = str(scale_plot(results, req.plot))
     return out

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .device import autocast
 from .model import VAR
 from .policy import SparsityPolicy
 from .progress import Progress
+from .runtime import Runtime
 from .sampling import SamplingOptions, generate, image_generators
 from .vqvae import VQVAE
 
@@ -41,16 +41,17 @@ def collect_calibration(
     model: VAR,
     vae: VQVAE,
     policy: SparsityPolicy,
+    *,
     images: int,
     batch: int,
     max_tokens: int,
     seed: int,
-    device: torch.device,
-    dtype: str = "fp32",
+    runtime: Runtime,
     progress: Progress | None = None,
 ) -> Calibration:
     """Generate pyramids with the model, replay them with teacher forcing (conditional and
     unconditional rows, as CFG runs them) and record each block at the sparse positions."""
+    device = runtime.device
     pos = sparse_positions(model, policy).to(device)
     g = torch.Generator().manual_seed(seed)
     depth = len(model.blocks)
@@ -85,7 +86,7 @@ def collect_calibration(
             n = min(batch, images - done)
             labels = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
             rng = image_generators(seed, range(done, done + n), device)
-            with autocast(device, dtype):
+            with runtime.autocast():
                 gen = generate(model, vae, labels, SamplingOptions(), rng=rng)
                 x = vae.quantize.idx_to_var_input(gen.tokens)
                 recording[0] = True

@@ -1,22 +1,17 @@
 """Reading and writing checkpoints: official ``.pth`` state dicts and our ``.safetensors``.
 
-Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``), and every
-file we write goes to a temporary name in the same folder first and is renamed into
-place, so an interrupted run leaves either the old file or the new one, never half of one.
+Loading never unpickles arbitrary objects (``torch.load(weights_only=True)``); writing goes
+through ``files.atomic_write_with``, so an interrupted run never leaves half a file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +28,8 @@ from .config import (
     looks_like_vae,
     looks_like_var,
 )
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write_with, sha256_file
 from .model import VAR, derived_buffers
 from .policy import SparsityPolicy
 from .vqvae import VQVAE
@@ -153,24 +149,9 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return sd, meta, fmt
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The file's sha256, remembered per (path, size, modification time)."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
 def source_id(source: str | os.PathLike) -> str:
     """What identifies a model's weights: the file's sha256, or ``builtin:NAME``."""
     return f"builtin:{source}" if str(source) == BUILTIN_NAME else sha256_file(source)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _metadata_json(meta: Mapping[str, str], key: str) -> Any:
@@ -333,60 +314,6 @@ def check_pair(var_cfg: VARConfig, vae: VQVAE) -> None:
 # ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
-
-
-def check_output_file(output: Path, suffixes: tuple[str, ...], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """An output file may not be a folder, one of the command's inputs, or of an unknown kind."""
-    output = Path(output)
-    if output.is_dir():
-        raise OutputError(f"{output} is a folder", "give a file name, e.g. model.safetensors")
-    if output.suffix not in suffixes:
-        raise OutputError(f"{output}: the output must end in {' or '.join(suffixes)}")
-    check_not_input(output, inputs)
-
-
-def check_not_input(output: Path, inputs: tuple[str | os.PathLike, ...]) -> None:
-    """No command writes over one of its own inputs."""
-    for src in inputs:
-        if src and src != BUILTIN_NAME and Path(src).exists() and output.exists() and output.samefile(src):
-            raise OutputError(f"{output} is also an input of this command", "write the output to another file")
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it into place only on success."""
-    target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual mode
-    except OSError as e:
-        raise OutputError(f"cannot write to {parent}: {e.strerror}", "choose a writable location") from e
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(target, text.encode())
-
-
-def atomic_write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    with atomic_path(target) as tmp:
-        writer(tmp)
 
 
 def save_safetensors(

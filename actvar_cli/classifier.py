@@ -80,7 +80,7 @@ def shipped_classifier() -> ShapesClassifier:
 
 def shipped_classifier_sha() -> str:
     from .builtin import weights_path
-    from .checkpoint import sha256_file
+    from .files import sha256_file
 
     return sha256_file(weights_path("classifier"))
 

@@ -12,67 +12,59 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .bench import PeakMemory, paired_speedup
-from .device import autocast, synchronize
+from .errors import ConfigError
 from .fidelity import ArraySet, check_reference, fidelity, yardstick_for
 from .flops import count_flops
-from .method_specs import method_policy, parse_method
-from .methods import Method, MethodBuilder
+from .methods import Method
 from .progress import Progress
+from .runtime import Runtime
 from .sample_job import generate_images
 from .sampling import SamplingOptions, generate, image_generators
 from .sparse import GenerationState
 
 
 @dataclass
-class CompareJob:
-    base: str
-    methods: list[str]
-    vae: str | None = None
+class CompareSettings:
+    """How every method is measured: the same samples, seeds, timing batch and reference."""
+
     ref: str | None = None  # quality metrics against it (e.g. shapes)
     num: int = 64  # samples per method for the quality metrics
     agreement_images: int = 16  # dense pyramids the methods are forced onto
     batch_size: int = 8  # images per timed generation
     repeats: int = 3
     seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
     inception_weights: str | None = None
-    plot: Path | None = None
     opts: SamplingOptions = field(default_factory=SamplingOptions)
 
     def validate(self) -> None:
-        from .errors import ConfigError
-
-        for name, value, least in (
-            ("--num", self.num, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--repeats", self.repeats, 1),
-            ("--agreement-images", self.agreement_images, 1),
+        for name, value in (
+            ("--num", self.num),
+            ("--batch-size", self.batch_size),
+            ("--repeats", self.repeats),
+            ("--agreement-images", self.agreement_images),
         ):
-            if value < least:
-                raise ConfigError(f"{name} {value}: must be at least {least}")
-        if self.plot is not None and Path(self.plot).suffix.lower() != ".png":
-            raise ConfigError(f"--plot {self.plot}: the plot is a .png file")
+            if value < 1:
+                raise ConfigError(f"{name} {value}: must be at least 1")
         self.opts.validate()
         if self.ref:
             check_reference(self.ref)
             yardstick_for(self.ref, self.inception_weights)
 
 
-def _generate(m: Method, vae, labels, seed, ids, device, dtype, **kw):
-    with autocast(device, dtype):
-        return generate(m.model, vae, labels, rng=image_generators(seed, ids, device), policy=m.policy, **kw)
+def _generate(m: Method, vae, labels, *, seed: int, ids: list[int], runtime: Runtime, **kw):
+    rng = image_generators(seed, ids, runtime.device)
+    with runtime.autocast():
+        return generate(m.model, vae, labels, rng=rng, policy=m.policy, **kw)
 
 
 @torch.no_grad()
-def agreement(m: Method, dense: Method, vae, n: int, seed: int, device, dtype) -> dict[str, Any]:
+def agreement(m: Method, dense: Method, vae, *, n: int, seed: int, runtime: Runtime) -> dict[str, Any]:
     """The method forced onto the dense model's token pyramids: per generated scale, how often its
     most likely token is the dense one's and KL(dense || method) of the guided distributions;
     also the mean number of experts each kept token ran (the threshold rule's FLOPs)."""
@@ -80,12 +72,14 @@ def agreement(m: Method, dense: Method, vae, n: int, seed: int, device, dtype) -
     agree, kl, pairs = np.zeros(S), np.zeros(S), {}
     for s in range(0, n, 8):
         ids = list(range(s, min(n, s + 8)))
-        labels = torch.tensor([i % dense.model.num_classes for i in ids], device=device)
-        ref = _generate(dense, vae, labels, seed, ids, device, dtype, keep_logits=True)
+        labels = torch.tensor([i % dense.model.num_classes for i in ids], device=runtime.device)
+        ref = _generate(dense, vae, labels, seed=seed, ids=ids, runtime=runtime, keep_logits=True)
         state = GenerationState(
             record_sublayers=m.policy is not None and m.policy.token_rule == "far-from-mean", count_pairs=True
         )
-        out = _generate(m, vae, labels, seed, ids, device, dtype, keep_logits=True, forced=ref.tokens, state=state)
+        out = _generate(
+            m, vae, labels, seed=seed, ids=ids, runtime=runtime, keep_logits=True, forced=ref.tokens, state=state
+        )
         for si, (p, q) in enumerate(zip(ref.guided, out.guided)):
             lp, lq = p.log_softmax(-1), q.log_softmax(-1)
             agree[si] += (p.argmax(-1) == q.argmax(-1)).float().mean(1).sum().item()
@@ -113,21 +107,23 @@ def experts_per_token(m: Method, pairs: dict[int, int], images: int) -> dict[int
     return out
 
 
-def timing(methods: list[Method], vae, job: CompareJob, device, dtype, progress: Progress | None) -> dict[str, dict]:
+def timing(
+    methods: list[Method], vae, settings: CompareSettings, *, runtime: Runtime, progress: Progress | None = None
+) -> dict[str, dict]:
     """Median generation time of one batch per method, runs interleaved so that drift hits all alike."""
-    labels = torch.tensor([i % methods[0].model.num_classes for i in range(job.batch_size)], device=device)
-    ids = list(range(job.batch_size))
+    labels = torch.tensor([i % methods[0].model.num_classes for i in range(settings.batch_size)], device=runtime.device)
+    ids = list(range(settings.batch_size))
     runs: dict[str, list[float]] = {m.name: [] for m in methods}
     peak: dict[str, int] = dict.fromkeys(runs, 0)
-    total, done = (job.repeats + 1) * len(methods), 0
+    total, done = (settings.repeats + 1) * len(methods), 0
     with torch.inference_mode():
-        for r in range(job.repeats + 1):  # the first round warms up
+        for r in range(settings.repeats + 1):  # the first round warms up
             for m in methods:
-                with PeakMemory(device) as mem:
-                    synchronize(device)
+                with PeakMemory(runtime.device) as mem:
+                    runtime.synchronize()
                     t0 = time.perf_counter()
-                    _generate(m, vae, labels, job.seed, ids, device, dtype)
-                    synchronize(device)
+                    _generate(m, vae, labels, seed=settings.seed, ids=ids, runtime=runtime)
+                    runtime.synchronize()
                     elapsed = time.perf_counter() - t0
                 if r:
                     runs[m.name].append(elapsed)
@@ -141,62 +137,43 @@ def timing(methods: list[Method], vae, job: CompareJob, device, dtype, progress:
     }
 
 
-def quality(m: Method, vae, job: CompareJob, device, dtype) -> dict[str, Any]:
-    num_classes = m.model.num_classes
-    labels = [i % num_classes for i in range(job.num)]
-    imgs = generate_images(m.model, vae, labels, job.seed, job.batch_size, device, dtype, m.policy, job.opts)
+def quality(m: Method, vae, settings: CompareSettings, *, runtime: Runtime) -> dict[str, Any]:
+    """FID, IS and (on shapes) class accuracy of ``settings.num`` samples, classes in turn."""
+    labels = [i % m.model.num_classes for i in range(settings.num)]
+    imgs = generate_images(
+        m.model,
+        vae,
+        labels,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        runtime=runtime,
+        policy=m.policy,
+        opts=settings.opts,
+    )
     scores = fidelity(
-        ArraySet(imgs), job.ref, fid=True, isc=True, weights=job.inception_weights, device=device, labels=labels
+        ArraySet(imgs),
+        settings.ref,
+        fid=True,
+        isc=True,
+        weights=settings.inception_weights,
+        device=runtime.device,
+        labels=labels,
     )
     return {k: v for k, v in scores.items() if k in ("fid", "inception_score", "class_accuracy")}
 
 
-def run_compare(job: CompareJob, progress: Progress | None = None) -> dict[str, Any]:
-    from .checkpoint import check_pair, load_vae, load_var
-    from .device import pick_device, resolve_dtype
-    from .hub import check_base_hash, find_vae
-
-    job.validate()
-    device = pick_device(job.device)
-    dtype = resolve_dtype(job.dtype, device)
-    dense_model, info = load_var(job.base)
-    vae, _ = load_vae(find_vae(info.metadata, job.vae), dense_model.cfg.patch_nums)
-    check_pair(dense_model.cfg, vae)
-
-    def load_actvar(path: str):
-        model, actvar_info = load_var(path)
-        if model.cfg.replace(num_experts=0) != dense_model.cfg:
-            from .errors import ConfigError
-
-            raise ConfigError(f"{path} was not made from {job.base} (another architecture)")
-        if info.format != "builtin":
-            check_base_hash(job.base, actvar_info.metadata.get("base_sha256", ""))
-        return model.to(device)
-
-    builder = MethodBuilder(
-        lambda: load_var(job.base)[0].to(device), vae.to(device), seed=job.seed, load_actvar=load_actvar
-    )
-    specs = ["dense"] + [s for s in job.methods if s.strip() != "dense"]
-    for spec in specs:  # every name and parameter checked before any work
-        family, arg = parse_method(spec)
-        if family != "dense":
-            method_policy(family, arg, len(dense_model.cfg.patch_nums))
-    methods = []
-    for i, spec in enumerate(specs):
-        methods.append(builder.build(spec))
-        if progress:
-            progress("building methods", i + 1, len(specs))
-    return _measure_all(methods, vae, job, device, dtype, progress)
-
-
-def _measure_all(methods: list[Method], vae, job: CompareJob, device, dtype, progress) -> dict[str, Any]:
+def measure_methods(
+    methods: list[Method], vae, settings: CompareSettings, *, runtime: Runtime, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """A row per method (the first is the dense reference): FLOPs, measured speed, memory,
+    agreement with the dense model, and with a reference FID, IS and class accuracy."""
     dense = methods[0]
-    times = timing(methods, vae, job, device, dtype, progress)
+    times = timing(methods, vae, settings, runtime=runtime, progress=progress)
     rows = []
     for i, m in enumerate(methods):
-        agree = agreement(m, dense, vae, job.agreement_images, job.seed, device, dtype)
+        agree = agreement(m, dense, vae, n=settings.agreement_images, seed=settings.seed, runtime=runtime)
         cfg = m.model.cfg
-        per_token = experts_per_token(m, agree.pop("pairs_run"), job.agreement_images) if m.policy else None
+        per_token = experts_per_token(m, agree.pop("pairs_run"), settings.agreement_images) if m.policy else None
         flops = count_flops(cfg.replace(num_experts=0), m.policy, cfg.num_experts or 16, per_token)
         row = {
             "method": m.name,
@@ -209,23 +186,9 @@ def _measure_all(methods: list[Method], vae, job: CompareJob, device, dtype, pro
             "peak_memory_mb": times[m.name]["peak_memory_mb"],
             **agree,
         }
-        if job.ref:
-            row.update(quality(m, vae, job, device, dtype))
+        if settings.ref:
+            row.update(quality(m, vae, settings, runtime=runtime))
         rows.append(row)
         if progress:
             progress("measuring", i + 1, len(methods))
-    result = {
-        "base": job.base,
-        "device": str(device),
-        "dtype": dtype,
-        "batch_size": job.batch_size,
-        "repeats": job.repeats,
-        "num": job.num if job.ref else 0,
-        "ref": job.ref,
-        "methods": rows,
-    }
-    if job.plot is not None:
-        from .plots import compare_plot
-
-        result["plot"] = str(compare_plot(rows, job.plot, job.ref))
-    return result
+    return rows

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .routing import check_expert_count
 
 # Patch layouts (side length of each scale's token map). The total token count
 # L = sum(pn**2) is what a state dict reveals (pos_1LC is (1, L, C)).
@@ -25,18 +26,6 @@ PATCH_LAYOUTS: dict[int, tuple[int, ...]] = {
 }
 VAE_PATCH_SIZE = 16  # the official VQVAE downsamples by 2**4: image side = patch_nums[-1] * 16
 REFERENCE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)  # the built-in reference model: L = 155, 32x32 images
-
-
-def check_expert_count(ffn_dim: int, num_experts: int) -> None:
-    """N equal experts need N >= 2 dividing the FFN width."""
-    if num_experts < 2:
-        raise ConfigError(f"--experts {num_experts}: need at least 2 experts")
-    if ffn_dim % num_experts:
-        divisors = [n for n in (2, 4, 8, 16, 32, 64) if ffn_dim % n == 0]
-        raise ConfigError(
-            f"{num_experts} experts do not divide the FFN width {ffn_dim}",
-            f"use a divisor such as {', '.join(map(str, divisors))}",
-        )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ generate with, both fall back to a linearisation of the FFN weights (weight stat
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +27,8 @@ from .errors import ConfigError
 from .model import VAR
 from .policy import SparsityPolicy
 from .progress import Progress
+from .routing import expert_distances, expert_norms
+from .runtime import CPU, Runtime
 from .vqvae import VQVAE
 
 SPLITS = ("cluster", "contiguous", "coactivation")
@@ -147,28 +148,6 @@ def permute_ffn(block, perm: torch.Tensor) -> None:
 ROUTER_FITS = ("pseudo-labels", "norms", "static")
 
 
-def _per_expert(ffn, h_TC: torch.Tensor, num_experts: int, reduce, chunk: int = 1024) -> torch.Tensor:
-    """``reduce(experts_TNC)`` over chunks of tokens; experts_TNC is each expert's output without fc2's bias."""
-    w1, b1 = ffn.fc1.weight.float(), ffn.fc1.bias.float()
-    w2 = ffn.fc2.weight.float().view(w1.shape[1], num_experts, -1)  # C, N, d_e
-    out = []
-    for s in range(0, h_TC.shape[0], chunk):
-        h = h_TC[s : s + chunk].to(w1.device)
-        act = F.gelu(F.linear(h, w1, b1), approximate="tanh").view(h.shape[0], num_experts, -1)  # T, N, d_e
-        out.append(reduce(torch.einsum("tnd,cnd->tnc", act, w2)).cpu())  # T, N, C -> T, N
-    return torch.cat(out)
-
-
-def expert_distances(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """d[t, e] = mean squared distance between expert e's output (with fc2's bias) and the FFN output."""
-    return _per_expert(ffn, h_TC, num_experts, lambda e: (e - e.sum(1, keepdim=True)).square().mean(-1))
-
-
-def expert_norms(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """n[t, e] = the L2 norm of expert e's output for token t (D2DMoE's routing target)."""
-    return _per_expert(ffn, h_TC, num_experts, lambda e: e.norm(dim=-1))
-
-
 def ridge_fit(x_TC: torch.Tensor, y_TK: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Least squares with an intercept and a relative ridge: (weight K x C, bias K, R^2)."""
     x = x_TC.double()
@@ -276,8 +255,8 @@ def moefy(
     dense: VAR,
     vae: VQVAE | None,
     opts: MoefyOptions,
-    device: torch.device | str = "cpu",
-    dtype: str = "fp32",
+    *,
+    runtime: Runtime = CPU,
     progress: Progress | None = None,
 ) -> tuple[VAR, MoefyReport]:
     """An ActVAR model made from ``dense``, with ``opts.num_experts`` experts per FFN.
@@ -286,20 +265,19 @@ def moefy(
     load the dense model again if both are needed afterwards.
     """
     check_options(dense.cfg, opts)
-    device = torch.device(device)
+    device = runtime.device
     calib = None
     if opts.calib_images > 0 and vae is not None:
         calib = collect_calibration(
             dense.to(device),
             vae.to(device),
             opts.policy,
-            opts.calib_images,
-            opts.calib_batch,
-            opts.calib_max_tokens,
-            opts.seed,
-            device,
-            dtype,
-            progress,
+            images=opts.calib_images,
+            batch=opts.calib_batch,
+            max_tokens=opts.calib_max_tokens,
+            seed=opts.seed,
+            runtime=runtime,
+            progress=progress,
         )
     elif opts.split == "coactivation" or opts.router_fit != "pseudo-labels":
         what = "--split coactivation" if opts.split == "coactivation" else f"the {opts.router_fit} router"
@@ -334,77 +312,3 @@ def moefy(
     else:
         init_from_weights(model, opts)
     return model, report
-
-
-# ---------------------------------------------------------------------------
-# A checkpoint in, an ActVAR file out
-# ---------------------------------------------------------------------------
-
-
-def calibration_vae(metadata: dict[str, str], explicit: str | None) -> str | None:
-    """The VAE to calibrate with: ``explicit``, the model's own (tiny's for tiny), the cached
-    official one, or None (then router and selector come from weight statistics)."""
-    from .errors import ActvarError
-    from .hub import find_vae, resolve_local
-
-    if explicit:
-        return resolve_local(explicit)
-    try:
-        return find_vae(metadata, None)
-    except ActvarError:
-        return None
-
-
-def conversion_metadata(info, source: str, vae_source: str | None, opts: MoefyOptions, report: MoefyReport) -> dict:
-    """What an ActVAR file records about its making: base model and hash, split, calibration."""
-    from pathlib import Path
-
-    from . import __version__
-    from .checkpoint import sha256_file
-
-    builtin = info.format == "builtin"
-
-    def mean(xs: list[float]) -> float | None:
-        return round(sum(xs) / len(xs), 4) if xs else None
-
-    return {
-        "base_checkpoint": info.name,
-        "base_checkpoint_path": source if builtin else str(Path(source).resolve()),
-        "base_sha256": "" if builtin else sha256_file(source),
-        "experts": opts.num_experts,
-        "split": opts.split,
-        "router_init": report.router_init,
-        "vae": (vae_source if vae_source == info.metadata.get("vae") else str(Path(vae_source).resolve()))
-        if vae_source
-        else "",
-        "calibration": {
-            "images": report.calib_images,
-            "tokens_per_block": report.calib_tokens,
-            "router_r2": mean(report.router_r2),
-            "selector_r2": mean(report.selector_r2),
-            "router_topk_agreement": mean(report.router_topk_agreement),
-        },
-        "actvar_version": __version__,
-    }
-
-
-def convert_checkpoint(
-    source: str,
-    output: str | os.PathLike,
-    opts: MoefyOptions,
-    vae: str | None = None,
-    num_heads: int | None = None,
-    device: torch.device | str = "cpu",
-    progress: Progress | None = None,
-) -> dict:
-    """Load a dense VAR, convert it, write the ActVAR safetensors; returns a summary of the file."""
-    from .checkpoint import load_vae, load_var, save_model
-
-    dense, info = load_var(source, num_heads=num_heads)
-    check_options(dense.cfg, opts)
-    vae_source = calibration_vae(info.metadata, vae)  # recorded in the output even when not calibrating
-    vae_model = load_vae(vae_source, dense.cfg.patch_nums)[0] if vae_source and opts.calib_images > 0 else None
-    model, report = moefy(dense, vae_model, opts, device=device, progress=progress)
-    meta = conversion_metadata(info, source, vae_source, opts, report)
-    save_model(model, output, meta)
-    return {"output": str(output), "policy": model.policy.to_dict(), **meta}

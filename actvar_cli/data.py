@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write_text, atomic_write_with
 from .errors import DataError
+from .files import atomic_write_text, atomic_write_with
 from .images import IMAGE_SUFFIXES
 from .model import VAR
 from .progress import Progress
@@ -59,7 +59,7 @@ def split_levels(flat_BL: torch.Tensor, patch_nums: tuple[int, ...]) -> list[tor
 class TeacherSource:
     """Data-free: the dense teacher samples pyramids for random classes with CFG."""
 
-    def __init__(self, teacher: VAR, vae: VQVAE, samples_per_epoch: int, opts: SamplingOptions, seed: int, device):
+    def __init__(self, teacher: VAR, vae: VQVAE, *, samples_per_epoch: int, opts: SamplingOptions, seed: int, device):
         self.teacher, self.vae, self.n, self.opts, self.seed = teacher, vae, samples_per_epoch, opts, seed
         self.device = torch.device(device)
         self.description = f"teacher (data-free, {samples_per_epoch} samples per epoch)"
@@ -226,6 +226,7 @@ class ImageFolderSource:
 def encode_image_folder(
     root: str | Path,
     vae: VQVAE,
+    *,
     vae_id: str,
     out_dir: str | Path,
     patch_nums: tuple[int, ...],
@@ -280,7 +281,16 @@ def epoch_permutation(n: int, epoch: int, seed: int) -> np.ndarray:
 
 
 def sample_ids(
-    step: int, micro: int, rank: int, per_process: int, world: int, global_batch: int, n: int, seed: int, shuffle: bool
+    *,
+    step: int,
+    micro: int,
+    rank: int,
+    per_process: int,
+    world: int,
+    global_batch: int,
+    n: int,
+    seed: int,
+    shuffle: bool,
 ) -> list[tuple[int, int]]:
     """(epoch, sample id) pairs for one micro-batch of one process at one optimizer step.
 
@@ -307,13 +317,14 @@ def steps_for(epochs: float, samples_per_epoch: int, global_batch: int) -> int:
 
 def open_source(
     spec: str,
-    cache_tokens: Path | None,
+    *,
     recipe,
     teacher: VAR,
     vae: VQVAE,
     vae_id: str,
     device,
-    progress: Progress | None,
+    cache_tokens: Path | None = None,
+    progress: Progress | None = None,
 ) -> TokenSource:
     """``teacher`` (data-free), a token cache, or an ImageFolder (encoded once into ``cache_tokens``)."""
     patch_nums = teacher.cfg.patch_nums
@@ -321,13 +332,22 @@ def open_source(
         return ShapesSource(vae, recipe.shapes_samples_per_epoch, recipe.seed, device)
     if spec == "teacher":
         opts = SamplingOptions(cfg=recipe.teacher_cfg, top_k=recipe.teacher_top_k, top_p=recipe.teacher_top_p)
-        return TeacherSource(teacher, vae, recipe.teacher_samples_per_epoch, opts, recipe.seed, device)
+        return TeacherSource(
+            teacher, vae, samples_per_epoch=recipe.teacher_samples_per_epoch, opts=opts, seed=recipe.seed, device=device
+        )
     path = Path(spec)
     if is_token_cache(path):
         return TokenCacheSource(path, patch_nums, vae_id)
     if cache_tokens is not None:
         cache = encode_image_folder(
-            path, vae, vae_id, cache_tokens, patch_nums, recipe.seed, device=device, progress=progress
+            path,
+            vae,
+            vae_id=vae_id,
+            out_dir=cache_tokens,
+            patch_nums=patch_nums,
+            seed=recipe.seed,
+            device=device,
+            progress=progress,
         )
         return TokenCacheSource(cache, patch_nums, vae_id)
     return ImageFolderSource(path, vae, patch_nums, recipe.seed, device)

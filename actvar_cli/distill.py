@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_text, load_vae, load_var, save_model, source_id, user_metadata
+from .checkpoint import save_model, user_metadata
 from .data import TokenSource, open_source, sample_ids, steps_for
-from .device import use_cuda
 from .errors import ConfigError
-from .hub import find_teacher, find_vae, resolve_local
+from .files import atomic_write_text
 from .losses import stage1_loss, stage2_loss
 from .model import VAR
 from .progress import Progress
@@ -40,20 +39,19 @@ STAGE2_TRAINABLE = ("ffn.fc1.", "ffn.fc2.", "attn.", "head.")
 
 @dataclass
 class DistillJob:
+    """How one stage trains (the models come separately, as ``Models``)."""
+
     stage: int
-    model: str
     out_dir: Path
     recipe: Recipe = field(default_factory=Recipe)
-    vae: str | None = None
-    teacher: str | None = None
-    data: str | None = None
+    data: str | None = None  # teacher, shapes, an ImageFolder or a token cache [the recipe's]
     cache_tokens: Path | None = None
     batch_size: int = 8  # per process and micro-step
     epochs: float | None = None
     max_steps: int | None = None
     resume: bool = False
     overwrite: bool = False  # start afresh in a folder that holds another run
-    device: str = "auto"
+    cuda: bool = False  # train on the GPU(s) when present
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -67,6 +65,19 @@ class DistillJob:
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out-dir and --overwrite discards it: give one")
         self.recipe.validate()
+
+
+@dataclass
+class Models:
+    """The student, its dense teacher and their VQVAE, with what identifies each (a sha256 or
+    ``builtin:NAME``) and where each came from, for the run record."""
+
+    student: VAR
+    teacher: VAR
+    vae: Any
+    sources: dict[str, str]  # model, teacher, vae: a path or a name
+    ids: dict[str, str]  # model, teacher, vae: sha256 or builtin:NAME
+    metadata: dict[str, str]  # the student file's metadata (carried into the trained file)
 
 
 @dataclass(frozen=True)
@@ -126,8 +137,7 @@ class Run:
     optimizer: Any
     source: TokenSource
     folder: RunFolder
-    sources: dict[str, str]  # what the run was made from: model, teacher, vae (for the summary)
-    info_metadata: dict[str, str]
+    models: Models
     accum: int
     total: int
     step: int = 0
@@ -197,7 +207,7 @@ logging.getLogger("accelerate.accelerator").addFilter(_QuietRotation())
 def _accelerator(job: DistillJob):
     from accelerate import Accelerator, PartialState
 
-    cuda = use_cuda(job.device)
+    cuda = job.cuda and torch.cuda.is_available()
     state = PartialState(cpu=not cuda)
     accum = max(1, math.ceil(job.recipe.global_batch / (job.batch_size * state.num_processes)))
     precision = job.recipe.precision if job.recipe.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -207,26 +217,15 @@ def _accelerator(job: DistillJob):
     return acc, accum
 
 
-def _models(job: DistillJob, device) -> tuple[VAR, dict, VAR, Any, dict[str, str]]:
-    """(student, its metadata, teacher, vae, sources) on ``device``; the teacher checked against the student."""
-    source = resolve_local(job.model)
-    student, info = load_var(source)
-    if info.kind != "actvar":
-        raise ConfigError(f"{job.model} is a dense VAR", "convert it first with `actvar moefy`")
-    teacher_src = find_teacher(info.metadata, job.teacher)
-    teacher, _ = load_var(teacher_src)
-    if teacher.cfg != student.cfg.replace(num_experts=0):
-        raise ConfigError(f"the teacher {teacher_src} does not have the student's architecture")
-    vae_src = find_vae(info.metadata, job.vae)
-    vae, _ = load_vae(vae_src, student.cfg.patch_nums)
-    for m in (student, teacher, vae):
+def _prepare_models(models: Models, device) -> None:
+    """On the training device: teacher and VQVAE frozen, the student in training mode."""
+    for m in (models.student, models.teacher, models.vae):
         m.to(device)
-    teacher.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
-    student.train()
-    if not student.sparse_segments(student.policy):
+    models.teacher.eval().requires_grad_(False)
+    models.vae.eval().requires_grad_(False)
+    models.student.train()
+    if not models.student.sparse_segments(models.student.policy):
         raise ConfigError("the model's policy makes nothing sparse", "check its scales and rates")
-    return student, info.metadata, teacher, vae, {"model": source, "teacher": teacher_src, "vae": vae_src}
 
 
 def _optimizer(student: VAR, stage: int, recipe: Recipe) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
@@ -241,24 +240,25 @@ def _optimizer(student: VAR, stage: int, recipe: Recipe) -> tuple[list[torch.nn.
     return params, optimizer
 
 
-def setup(job: DistillJob, progress: Progress | None = None) -> Run:
-    """Validate, load, build the optimizer and take over (or resume) the run folder."""
+def setup(job: DistillJob, models: Models, progress: Progress | None = None) -> Run:
+    """Validate, build the optimizer and take over (or resume) the run folder."""
     job.validate()
     acc, accum = _accelerator(job)
     folder = RunFolder(Path(job.out_dir), acc.is_main_process)
-    student, metadata, teacher, vae, sources = _models(job, acc.device)
+    _prepare_models(models, acc.device)
+    student = models.student
     job = replace(job, recipe=job.recipe.with_policy(student.policy))  # the model's policy is what trains
     params, optimizer = _optimizer(student, job.stage, job.recipe)
     wrapper, optimizer = acc.prepare(StudentForward(student), optimizer)
     source = open_source(
         job.data or job.recipe.data,
-        job.cache_tokens,
-        job.recipe,
-        teacher,
-        vae,
-        source_id(sources["vae"]),
-        acc.device,
-        progress if acc.is_main_process else None,
+        recipe=job.recipe,
+        teacher=models.teacher,
+        vae=models.vae,
+        vae_id=models.ids["vae"],
+        device=acc.device,
+        cache_tokens=job.cache_tokens,
+        progress=progress if acc.is_main_process else None,
     )
     n = len(source)
     epochs = (
@@ -270,9 +270,21 @@ def setup(job: DistillJob, progress: Progress | None = None) -> Run:
     if job.max_steps is not None:
         total = min(total, job.max_steps) if job.epochs is not None else job.max_steps
     run = Run(
-        job, acc, student, wrapper, teacher, vae, params, optimizer, source, folder, sources, metadata, accum, total
+        job=job,
+        acc=acc,
+        student=student,
+        wrapper=wrapper,
+        teacher=models.teacher,
+        vae=models.vae,
+        params=params,
+        optimizer=optimizer,
+        source=source,
+        folder=folder,
+        models=models,
+        accum=accum,
+        total=total,
     )
-    identity = run_identity(job, sources, run.global_batch, total, source.description)
+    identity = run_identity(job, models.ids, run.global_batch, total, source.description)
     if job.resume:
         run.step = folder.resume(identity, student, optimizer)
     else:
@@ -294,7 +306,15 @@ def train_step(run: Run) -> StepDone:
     t0 = time.perf_counter()
     for micro in range(run.accum):
         items = sample_ids(
-            run.step, micro, rank, job.batch_size, world, run.global_batch, n, recipe.seed, run.source.shuffle
+            step=run.step,
+            micro=micro,
+            rank=rank,
+            per_process=job.batch_size,
+            world=world,
+            global_batch=run.global_batch,
+            n=n,
+            seed=recipe.seed,
+            shuffle=run.source.shuffle,
         )
         batch = run.source.batch(items).to(acc.device)
         g = torch.Generator().manual_seed(image_seed(recipe.seed + 31, (run.step * run.accum + micro) * world + rank))
@@ -329,7 +349,13 @@ def _micro_step(run: Run, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tenso
             out = run.wrapper(labels, x, run.job.stage == 1)["out"]
             if run.job.stage == 1:
                 loss, terms = stage1_loss(
-                    student, out, gt, segments, recipe.alpha, recipe.beta, recipe.pseudo_label_temperature
+                    student,
+                    out,
+                    gt,
+                    segments=segments,
+                    alpha=recipe.alpha,
+                    beta=recipe.beta,
+                    temperature=recipe.pseudo_label_temperature,
                 )
             else:
                 with torch.no_grad():
@@ -358,8 +384,8 @@ def finish(run: Run, seconds: float) -> dict[str, Any]:
         "epochs": run.step * run.global_batch / len(run.source),
         "per_process_batch": job.batch_size,
         "final_losses": {k: round(v, 6) for k, v in run.last_terms.items()},
-        "teacher": run.sources["teacher"],
-        "vae": run.sources["vae"],
+        "teacher": run.models.sources["teacher"],
+        "vae": run.models.sources["vae"],
         "recipe": job.recipe.to_dict(),
         "seconds": seconds,
         "samples_per_s": (run.step - run.started_at) * run.global_batch / max(1e-9, seconds),
@@ -368,32 +394,32 @@ def finish(run: Run, seconds: float) -> dict[str, Any]:
     if run.acc.is_main_process:
         final = run.acc.unwrap_model(run.wrapper).model
         final.eval().requires_grad_(False)
-        meta = user_metadata(run.info_metadata)
+        meta = user_metadata(run.models.metadata)
         history = json.loads(meta["training"]) if "training" in meta else []
         meta["training"] = [*history, {k: v for k, v in summary.items() if k != "recipe"}]
         meta.update({"stage": job.stage, "num_processes": run.acc.num_processes, "global_batch": run.global_batch})
-        meta["vae"] = run.sources["vae"]
+        meta["vae"] = run.models.sources["vae"]
         save_model(final, run.folder.root / "model.safetensors", meta)
         atomic_write_text(run.folder.root / "training.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 
 def run_distillation(
-    job: DistillJob, on_event: OnEvent | None = None, progress: Progress | None = None
+    job: DistillJob, models: Models, on_event: OnEvent | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Train one stage; rank 0 writes ``model.safetensors`` and ``metrics.jsonl`` to ``job.out_dir``."""
-    run = setup(job, progress)
+    run = setup(job, models, progress)
     main = run.acc.is_main_process
     if on_event and main:
         on_event(
             RunStart(
-                job.stage,
-                run.step,
-                run.total,
-                run.global_batch,
-                run.acc.num_processes,
-                run.accum,
-                run.source.description,
+                stage=job.stage,
+                step=run.step,
+                total_steps=run.total,
+                global_batch=run.global_batch,
+                num_processes=run.acc.num_processes,
+                grad_accum=run.accum,
+                data=run.source.description,
             )
         )
     started = time.perf_counter()
@@ -412,56 +438,3 @@ def run_distillation(
     run.acc.wait_for_everyone()
     run.acc.end_training()
     return summary
-
-
-def distill_command(
-    stage: int,
-    model: str,
-    out_dir,
-    config: str | None,
-    overrides: dict[str, Any],
-    vae: str | None,
-    teacher: str | None,
-    data: str | None,
-    cache_tokens,
-    batch_size: int,
-    epochs: float | None,
-    max_steps: int | None,
-    resume: bool,
-    overwrite: bool,
-    device: str,
-    progress: Progress | None,
-) -> dict[str, Any]:
-    """``actvar distill-stageN``: the recipe (named for the model unless ``config``) with the flags
-    over its keys, checked before any work; progress shows the step and the loss terms."""
-    from .checkpoint import check_not_input, read_checkpoint
-    from .recipes import load_recipe, recipe_for
-
-    source = resolve_local(model)
-    _, info = read_checkpoint(source)
-    recipe = (load_recipe(config) if config else recipe_for(info.var_config)).override(**overrides)
-    check_not_input(Path(out_dir) / "model.safetensors", (source,))
-    job = DistillJob(
-        stage=stage,
-        model=source,
-        out_dir=Path(out_dir),
-        recipe=recipe,
-        vae=vae,
-        teacher=teacher,
-        data=data,
-        cache_tokens=cache_tokens,
-        batch_size=batch_size,
-        epochs=epochs,
-        max_steps=max_steps,
-        resume=resume,
-        overwrite=overwrite,
-        device=device,
-    )
-
-    def on_event(ev: DistillEvent) -> None:
-        if progress and isinstance(ev, StepDone):
-            keys = ("loss", "cls", "dis_w", "dis_t", "kl", "hidden_mse")
-            terms = " ".join(f"{k} {ev.terms[k]:.4f}" for k in keys if k in ev.terms)
-            progress(f"stage {stage}", ev.step, ev.total_steps, f"{terms} | {ev.samples_per_s:.1f} samples/s")
-
-    return run_distillation(job, on_event, progress)

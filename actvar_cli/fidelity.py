@@ -175,7 +175,7 @@ def cache_path(ref: str, images, ys: Yardstick) -> Path:
 
 def reference_features(ref: str, ys: Yardstick, device, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The reference's features, computed once and kept as an .npz of plain arrays."""
-    from .checkpoint import atomic_write_with
+    from .files import atomic_write_with
 
     images = reference_set(ref)
     path = cache_path(ref, images, ys)
@@ -201,6 +201,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def fidelity(
     samples: torch.utils.data.Dataset | str | os.PathLike,
     ref: str,
+    *,
     fid: bool = True,
     isc: bool = False,
     prc: bool = False,

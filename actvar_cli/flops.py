@@ -12,28 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import VARConfig, check_expert_count
 from .errors import ConfigError
 from .policy import ScalePlan, SparsityPolicy
 
-COMPONENTS = ("embed", "adaln", "qkv", "attention", "proj", "ffn", "router", "selector", "head", "vae_phi")
+if TYPE_CHECKING:  # the configuration is read, never built, here
+    from .config import VARConfig
 
-# Paper figures (ActVAR, Tables 1, 2 and 6): (arch, scales, token rates, weight rate) -> saving
-PAPER_SAVINGS = [
-    ("d16", (9, 10), (0.75, 0.75), 0.75, 0.202),
-    ("d20", (9, 10), (0.75, 0.75), 0.75, 0.212),
-    ("d24", (9, 10), (0.75, 0.75), 0.75, 0.218),
-    ("d30", (9, 10), (0.75, 0.75), 0.75, 0.223),
-    ("d20", (9, 10), (0.5, 0.25), 0.5, 0.432),
-    ("d20", (9, 10), (0.5, 0.75), 0.25, 0.399),
-    ("d20", (9, 10), (0.5, 0.5), 0.75, 0.328),
-    ("d20", (9, 10), (0.75, 0.5), 0.75, 0.282),
-    ("d20", (7, 8), (0.75, 0.75), 0.75, 0.081),
-    ("d20", (9, 10), (0.75, 0.75), 1.0, 0.142),  # Table 3: without dynamic weights
-    ("d20", (9, 10), (1.0, 1.0), 0.75, 0.094),  # Table 3: without adaptive tokens
-]
+COMPONENTS = ("embed", "adaln", "qkv", "attention", "proj", "ffn", "router", "selector", "head", "vae_phi")
 
 
 @dataclass
@@ -178,68 +165,3 @@ def paper_eq12_savings(cfg: VARConfig, policy: SparsityPolicy, num_experts: int 
     no_cfg = SparsityPolicy(scales=(), token_rates=(), weight_rates=(), guidance_off=len(cfg.patch_nums))
     dense = count_flops(cfg, no_cfg, num_experts).sparse_flops
     return total / dense
-
-
-def paper_table() -> list[dict[str, Any]]:
-    """Our savings beside the paper's, for every setting the paper reports."""
-    from .config import official_var_config
-
-    rows = []
-    for arch, scales, token_rates, weight_rate, paper in PAPER_SAVINGS:
-        cfg = official_var_config(int(arch[1:]))
-        policy = SparsityPolicy(scales=scales, token_rates=token_rates, weight_rates=(weight_rate,))
-        report = count_flops(cfg, policy, 16)
-        rows.append(
-            {
-                "arch": arch,
-                "scales": list(scales),
-                "token_rates": list(token_rates),
-                "weight_rate": weight_rate,
-                "paper_savings": paper,
-                "our_savings": report.savings,
-                "paper_eq12_savings": paper_eq12_savings(cfg, policy, 16),
-            }
-        )
-    return rows
-
-
-def flops_of(
-    checkpoint: str | None = None,
-    arch: str | None = None,
-    experts: int | None = None,
-    scales: list[int] | None = None,
-    token_rate: float | None = None,
-    token_rates: list[float] | None = None,
-    weight_rate: float | None = None,
-    method: str | None = None,
-) -> FlopsReport:
-    """FLOPs of a checkpoint (under its stored policy) or of an architecture (under the
-    paper's), with any of the policy's scales and rates replaced, or under another ``method``'s
-    policy (docs/methods.md)."""
-    from .checkpoint import read_checkpoint
-    from .config import arch_config
-    from .errors import ConfigError
-    from .recipes import Recipe, with_policy_flags
-
-    if (checkpoint is None) == (arch is None):
-        raise ConfigError("give a model checkpoint or --arch, not both or neither")
-    base = Recipe()
-    if checkpoint is not None:
-        _, info = read_checkpoint(checkpoint)
-        if info.kind == "vqvae":
-            raise ConfigError(f"{checkpoint} is a VQVAE; FLOPs are counted for VAR models")
-        cfg = info.var_config
-        if info.policy is not None:
-            base = base.with_policy(info.policy)
-    else:
-        cfg = arch_config(arch)
-    if experts is not None:
-        check_expert_count(cfg.ffn_dim, experts)
-    if method is not None:
-        from .method_specs import method_policy, parse_method
-
-        family, arg = parse_method(method)
-        policy = method_policy(family, arg, len(cfg.patch_nums), info.policy if checkpoint else None)
-    else:
-        policy = with_policy_flags(base, scales, token_rate, token_rates, weight_rate).policy()
-    return count_flops(cfg.replace(num_experts=0), policy, experts or cfg.num_experts or 16)

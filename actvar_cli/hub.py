@@ -11,12 +11,11 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import BUILTIN_NAME
-from .errors import ActvarError, CheckpointError, ConfigError, HubError
+from .errors import ActvarError, CheckpointError, HubError
 
 OFFICIAL_REPO = "FoundationVision/var"
 OFFICIAL_FILES = {
@@ -74,7 +73,7 @@ def cache_dir() -> str | None:
     return None
 
 
-def _hub_error(e: Exception, target: DownloadTarget, revision: str | None, action: str = "fetch") -> HubError:
+def hub_error(e: Exception, target: DownloadTarget, revision: str | None, action: str = "fetch") -> HubError:
     """huggingface_hub's typed errors as one line that says what to do; ``action`` is fetch or upload."""
     from huggingface_hub import errors as hf_errors
 
@@ -133,6 +132,7 @@ def quiet_retries():
 
 def download(
     spec: str,
+    *,
     revision: str | None = None,
     local_dir: str | os.PathLike | None = None,
     force: bool = False,
@@ -161,15 +161,8 @@ def download(
                 return [Path(hf.hf_hub_download(target.repo_id, target.filename, **common))]
             root = Path(hf.snapshot_download(target.repo_id, **common))
     except Exception as e:
-        raise _hub_error(e, target, revision) from e
+        raise hub_error(e, target, revision) from e
     return sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
-
-
-def download_all(names: list[str], revision: str | None, local_dir, force: bool, offline: bool) -> dict[str, list[str]]:
-    """Every name checked first, then each downloaded: {name: local paths}."""
-    for name in names:
-        parse_target(name)
-    return {name: [str(p) for p in download(name, revision, local_dir, force, offline)] for name in names}
 
 
 def model_file_in(paths: list[Path]) -> Path | None:
@@ -179,52 +172,6 @@ def model_file_in(paths: list[Path]) -> Path | None:
             return p
     weights = [p for p in paths if p.suffix in (".safetensors", ".pth")]
     return weights[0] if len(weights) == 1 else None
-
-
-def find_teacher(metadata: Mapping[str, str], explicit: str | None) -> str:
-    """--teacher, else the base checkpoint an ActVAR model names (its path, or its official name
-    in the Hub cache), checked against the sha256 the model recorded of it."""
-    if explicit:
-        return resolve_local(explicit)
-    path = metadata.get("base_checkpoint_path")
-    official = metadata.get("base_checkpoint", "").removesuffix(".pth").removeprefix("var_")
-    if path and (path == BUILTIN_NAME or Path(path).exists()):
-        found = path
-    elif official:
-        found = resolve_local(official)
-    else:
-        raise ConfigError("the model names no base checkpoint to use as teacher", "pass --teacher var_d16.pth")
-    check_base_hash(found, metadata.get("base_sha256", ""))
-    return found
-
-
-def check_base_hash(path: str, recorded: str) -> None:
-    """A teacher found by name must be the very file the model was converted from."""
-    from .checkpoint import sha256_file
-
-    if path == BUILTIN_NAME or not recorded:
-        return
-    actual = sha256_file(path)
-    if actual != recorded:
-        raise CheckpointError(
-            f"{path} is not the base model this ActVAR model was made from (sha256 {actual[:12]}…, "
-            f"the model records {recorded[:12]}…)",
-            "pass the right dense model with --teacher",
-        )
-
-
-def find_vae(metadata: Mapping[str, str], explicit: str | None) -> str:
-    """--vae, else the VAE a model records (the built-in tiny model records its own), else the
-    official one from the Hub cache."""
-    if explicit:
-        return resolve_local(explicit)
-    stored = metadata.get("vae")
-    if stored and (stored == BUILTIN_NAME or Path(stored).exists()):
-        return stored
-    try:
-        return resolve_local("vae")
-    except ActvarError as e:
-        raise ConfigError("no VQVAE given", "pass --vae vae_ch160v4096z32.pth (or run `actvar download vae`)") from e
 
 
 def resolve_local(spec: str) -> str:
@@ -249,166 +196,3 @@ def resolve_local(spec: str) -> str:
     if found is None:
         raise CheckpointError(f"no weights file among the downloaded files of {spec}")
     return str(found)
-
-
-# ---------------------------------------------------------------------------
-# Publishing
-# ---------------------------------------------------------------------------
-
-
-def find_eval_json(model_path: str | os.PathLike, explicit: str | os.PathLike | None) -> dict | None:
-    """The evaluation to show in the card: ``explicit``, else an eval.json beside the model."""
-    import json
-
-    path = Path(explicit) if explicit else Path(model_path).parent / "eval.json"
-    if not path.exists():
-        if explicit:
-            raise ConfigError(f"--eval {path}: no such file")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable eval.json", "give the eval.json that `actvar eval` wrote") from e
-
-
-def _card_text(repo_id: str, summary: dict, savings_rows: list[tuple], evals: dict | None, training: list) -> str:
-    policy = summary["policy"]
-    lines = [
-        f"# {repo_id.split('/')[-1]}",
-        "",
-        f"An **ActVAR** version of `{summary['base_checkpoint']}` from "
-        f"[{OFFICIAL_REPO}](https://huggingface.co/{OFFICIAL_REPO}): every FFN is split into "
-        f"{summary['experts']} experts chosen per token by a router, and a gated token selector lets only "
-        "the most useful tokens through each block at the largest scales (ActVAR, Zhang et al.). "
-        "It was made with [actvar](https://github.com/) and keeps the upstream VAR state-dict names.",
-        "",
-        "## Policy",
-        "",
-        "| scale | token rate | weight rate |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {s} | {t:g} | {w:g} |" for s, t, w in zip(policy["scales"], policy["token_rates"], policy["weight_rates"])
-    ]
-    lines += ["", "## Compute", "", "| | GFLOPs per image (CFG) |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in savings_rows]
-    if training:
-        lines += ["", "## Training", "", "| stage | steps | epochs | global batch | processes | data | final losses |"]
-        lines += ["|---|---|---|---|---|---|---|"]
-        for t in training:
-            losses = ", ".join(f"{k} {v:.4g}" for k, v in t.get("final_losses", {}).items() if k != "grad_norm")
-            lines.append(
-                f"| {t.get('stage')} | {t.get('steps')} | {t.get('epochs', 0):.3g} | {t.get('global_batch')} | "
-                f"{t.get('num_processes')} | {t.get('data')} | {losses} |"
-            )
-    if evals:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        for k in ("fid", "inception_score", "precision", "recall", "token_agreement", "logit_kl", "psnr_db"):
-            if k in evals:
-                lines.append(f"| {k} | {evals[k]:.4g} |")
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```bash",
-        "pip install actvar",
-        f"actvar download {repo_id}",
-        "actvar download vae",
-        f"actvar sample {repo_id} --vae vae --classes 207,360,387,974 --out samples/",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_push_folder(
-    model_path: str | os.PathLike, repo_id: str, folder: str | os.PathLike, evals: dict | None
-) -> Path:
-    """The folder ``push`` uploads: model.safetensors, config.json and a model card (README.md)."""
-    import json
-    import shutil
-
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .checkpoint import atomic_path, atomic_write_text, read_checkpoint, stored_json
-    from .errors import ConfigError
-    from .flops import count_flops
-
-    _, info = read_checkpoint(model_path)
-    if info.kind != "actvar":
-        raise ConfigError(f"{model_path} is not an ActVAR model", "push what `actvar moefy` or distillation wrote")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / MODEL_FILE) as tmp:
-        shutil.copyfile(model_path, tmp)
-    cfg = info.var_config
-    report = count_flops(cfg.replace(num_experts=0), info.policy, cfg.num_experts)
-    training = stored_json(info, "training") or []
-    summary = {
-        "base_checkpoint": info.metadata.get("base_checkpoint", ""),
-        "experts": cfg.num_experts,
-        "policy": info.policy.to_dict(),
-    }
-    config = {
-        "format": "actvar",
-        "var_config": cfg.to_dict(),
-        "policy": info.policy.to_dict(),
-        "experts": cfg.num_experts,
-        "split": info.metadata.get("split"),
-        "base_model": OFFICIAL_REPO,
-        "base_checkpoint": summary["base_checkpoint"],
-        "flops": {"dense": report.dense_flops, "actvar": report.sparse_flops, "savings": report.savings},
-    }
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
-    rows = [
-        ("dense VAR", f"{report.dense_flops / 1e9:.1f}"),
-        ("ActVAR", f"{report.sparse_flops / 1e9:.1f}"),
-        ("saved", f"{report.savings:.1%}"),
-    ]
-    data = ModelCardData(
-        base_model=OFFICIAL_REPO,
-        library_name="actvar",
-        license="mit",
-        tags=["actvar", "var", "image-generation", "mixture-of-experts", "imagenet", "class-conditional"],
-        datasets=["ILSVRC/imagenet-1k"],
-    )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _card_text(repo_id, summary, rows, evals, training))
-    atomic_write_text(folder / "README.md", str(card))
-    return folder
-
-
-def push(
-    model_path: str | os.PathLike,
-    repo_id: str,
-    private: bool = False,
-    evals: dict | None = None,
-    staging: str | os.PathLike | None = None,
-    token: str | None = None,
-) -> str:
-    """Create the repository (if needed) and upload the folder; returns the commit URL."""
-    import tempfile
-
-    import huggingface_hub as hf
-
-    target = DownloadTarget(repo_id, None)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_push_folder(model_path, repo_id, staging or tmp, evals)
-        api = hf.HfApi(endpoint=endpoint(), token=token, library_name="actvar")
-        check_reachable(endpoint())
-        try:
-            with quiet_retries():
-                api.create_repo(repo_id, private=private, exist_ok=True)
-                info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload ActVAR model")
-        except Exception as e:
-            raise _hub_error(e, target, None, action="upload") from e
-    return str(getattr(info, "commit_url", info))
-
-
-def push_command(model, repo: str, private: bool, dry_run, eval_json, token: str | None) -> dict:
-    """Check everything, then write the folder (``dry_run``) or upload it."""
-    parse_target(repo)
-    evals = find_eval_json(model, eval_json)
-    if dry_run:
-        folder = write_push_folder(model, repo, dry_run, evals)
-        return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir())}
-    return {"repo": repo, "url": push(model, repo, private=private, evals=evals, token=token)}

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .conversion import expert_distances
+from .agreement import held_out_batches
 from .model import VAR, TrainOutput
-from .routing import SparseSegment, topk_mask
+from .policy import SparseSegment
+from .routing import expert_distances
+from .runtime import CPU, Runtime
+from .sampling import SamplingOptions
+from .tokens import topk_mask
 
 
 def cls_loss(logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> torch.Tensor:
@@ -88,6 +92,7 @@ def stage1_loss(
     model: VAR,
     out: TrainOutput,
     gt_BL: torch.Tensor,
+    *,
     segments: list[SparseSegment],
     alpha: float,
     beta: float,
@@ -141,3 +146,25 @@ def stage2_loss(
     agree = (out.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean()
     terms = {"loss": loss, "cls": l_cls, "kl": l_f, "hidden_mse": l_b, "token_agreement": agree}
     return loss, {k: v.detach().float() for k, v in terms.items()}
+
+
+@torch.no_grad()
+def routing_agreement(
+    student: VAR, teacher: VAR, vae, *, num: int = 16, batch_size: int = 8, seed: int = 0, runtime: Runtime = CPU
+) -> dict[str, float]:
+    """How often routers pick the experts, and selectors the tokens, that stage 1's pseudo-labels
+    name (on held-out teacher pyramids); with the distillation losses."""
+    segments = student.sparse_segments(student.policy)
+    sums: dict[str, float] = {}
+    count = 0
+    batches = held_out_batches(
+        teacher, vae, num=num, batch_size=batch_size, seed=seed, runtime=runtime, opts=SamplingOptions()
+    )
+    for _, labels, gen, x in batches:
+        with runtime.autocast():
+            out = student.forward_train(labels, x, student.policy, collect_aux=True)
+            _, terms = stage1_loss(student, out, torch.cat(gen.tokens, 1), segments=segments, alpha=0.0, beta=0.0)
+        for k in ("router_agreement", "selector_agreement", "dis_w", "dis_t"):
+            sums[k] = sums.get(k, 0.0) + float(terms[k]) * len(labels)
+        count += len(labels)
+    return {k: v / count for k, v in sums.items()}

@@ -8,25 +8,20 @@ all of them. Names take a parameter: ``fastvar:0.5``, ``dmoe:0.9``, ``skip-last:
 
 from __future__ import annotations
 
-import os
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .conversion import (
-    MoefyOptions,
-    MoefyReport,
-    calibration_vae,
-    check_options,
-    conversion_metadata,
-    convert_checkpoint,
-    moefy,
-)
+from .conversion import MoefyOptions, moefy
 from .errors import ConfigError
 from .method_specs import FAMILIES, last, method_policy, parse_method
 from .model import VAR
 from .policy import SparsityPolicy
-from .progress import Progress
+from .runtime import CPU, Runtime
 from .vqvae import VQVAE
+
+# the methods whose model is converted (routers or selectors fitted); the others run the dense model
+CONVERTED = ("actvar", "actvar-tokens", "actvar-experts", "static-experts", "fixed-tokens", "dmoe")
 
 
 @dataclass
@@ -40,13 +35,14 @@ class Method:
 
 @dataclass
 class MethodBuilder:
-    """Builds methods from one dense model; ``load_dense`` gives a fresh copy for each conversion."""
+    """Builds methods from one dense model; each conversion works on a copy of it."""
 
-    load_dense: Callable[[], VAR]
+    dense: VAR
     vae: VQVAE
     num_experts: int = 16
     calib_images: int = 8
     seed: int = 0
+    runtime: Runtime = CPU
     load_actvar: Callable[[str], VAR] | None = None  # reads an ActVAR file made from the dense model
 
     def convert(self, policy: SparsityPolicy, router_fit: str = "pseudo-labels") -> VAR:
@@ -57,100 +53,26 @@ class MethodBuilder:
             seed=self.seed,
             router_fit=router_fit,
         )
-        model, _ = moefy(self.load_dense(), self.vae, opts)
+        model, _ = moefy(copy.deepcopy(self.dense), self.vae, opts, runtime=self.runtime)
         return model
 
     def build(self, spec: str) -> Method:
         family, arg = parse_method(spec)
-        dense = self.load_dense()
-        S = len(dense.cfg.patch_nums)
-        model, policy = self._model_and_policy(family, arg, dense, S)
+        model, policy = self._model_and_policy(family, arg, len(self.dense.cfg.patch_nums))
         if policy is not None:
             policy.check_runnable(model.cfg)
         return Method(spec.strip(), family, model, policy, FAMILIES[family][1])
 
-    def _model_and_policy(self, family: str, arg: str | None, dense: VAR, S: int):
+    def _model_and_policy(self, family: str, arg: str | None, S: int):
         if family == "dense":
-            return dense, None
+            return self.dense, None
         if family.startswith("actvar"):
+            if arg and self.load_actvar is None:
+                raise ConfigError(f"{family}:{arg} names a model file, and none can be read here")
             model = self.load_actvar(arg) if arg else self.convert(SparsityPolicy(scales=last(S, 2)))
             return model, method_policy(family, arg, S, model.policy)
         policy = method_policy(family, arg, S)
-        if family in ("static-experts", "fixed-tokens", "dmoe"):
+        if family in CONVERTED:
             fit = {"static-experts": "static", "dmoe": "norms"}.get(family, "pseudo-labels")
             return self.convert(policy, router_fit=fit), policy
-        return dense, policy
-
-
-@dataclass
-class MoefyRequest:
-    """What ``actvar moefy`` was asked for; None means the recipe's value."""
-
-    source: str
-    output: str | os.PathLike
-    config: str | None = None
-    experts: int | None = None
-    split: str | None = None
-    calib_images: int | None = None
-    policy_flags: dict = field(default_factory=dict)  # scales, token_rate, token_rates, weight_rate
-    vae: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    num_heads: int | None = None
-    method: str | None = None  # another method's model (docs/methods.md)
-
-
-def moefy_command(req: MoefyRequest, progress: Progress | None = None) -> dict:
-    """``actvar moefy``: the recipe (named for the model unless ``config``), flags over its keys,
-    every value checked, then the conversion."""
-    from pathlib import Path
-
-    from .checkpoint import check_output_file, read_checkpoint, require_var
-    from .device import pick_device
-    from .recipes import load_recipe, recipe_for, with_policy_flags
-
-    output = Path(req.output)
-    check_output_file(output, (".safetensors",), (req.source,))
-    _, info = read_checkpoint(req.source, req.num_heads)
-    require_var(info)
-    recipe = load_recipe(req.config) if req.config else recipe_for(info.var_config)
-    recipe = recipe.override(experts=req.experts, split=req.split, calib_images=req.calib_images)
-    recipe = with_policy_flags(recipe, **req.policy_flags)
-    opts = MoefyOptions(
-        num_experts=recipe.experts,
-        split=recipe.split,
-        policy=recipe.policy(),
-        calib_images=recipe.calib_images,
-        seed=req.seed,
-    )
-    check_options(info.var_config, opts)
-    device = pick_device(req.device)
-    if req.method:
-        return convert_method(req.source, output, req.method, opts, req.vae, req.num_heads, device)
-    return convert_checkpoint(req.source, output, opts, req.vae, req.num_heads, device, progress)
-
-
-def convert_method(source: str, output, spec: str, opts: MoefyOptions, vae: str | None, num_heads, device) -> dict:
-    """Write another method's converted model (docs/methods.md) with its policy, to distil or compare it."""
-    from .checkpoint import load_vae, load_var, save_model
-
-    family, _ = parse_method(spec)
-    if family not in ("actvar", "actvar-tokens", "actvar-experts", "static-experts", "fixed-tokens", "dmoe"):
-        raise ConfigError(f"{family} runs the dense model itself: nothing to convert", "run it with actvar compare")
-    dense, info = load_var(source, num_heads=num_heads)
-    vae_source = calibration_vae(info.metadata, vae)
-    if vae_source is None:
-        raise ConfigError(f"--method {spec} fits its router or selector on calibration tokens", "pass --vae")
-    builder = MethodBuilder(
-        lambda: load_var(source, num_heads=num_heads)[0].to(device),
-        load_vae(vae_source, dense.cfg.patch_nums)[0].to(device),
-        opts.num_experts,
-        opts.calib_images,
-        opts.seed,
-    )
-    m = builder.build(spec)
-    m.model.policy = m.policy
-    report = MoefyReport(router_init=f"method {spec}", calib_images=opts.calib_images)
-    meta = {**conversion_metadata(info, source, vae_source, opts, report), "method": spec}
-    save_model(m.model, output, meta)
-    return {"output": str(output), "policy": m.policy.to_dict(), **meta}
+        return self.dense, policy

@@ -13,17 +13,19 @@ each block the scale's plan, and ``forward_train`` expresses the same choices as
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import routing, sparse
+from . import sparse
+from .components import component
 from .config import VARConfig
 from .errors import ConfigError
-from .policy import SparsityPolicy
-from .profiling import component
+from .policy import SparseSegment, SparsityPolicy
 
 
 class FFN(nn.Module):
@@ -113,8 +115,23 @@ class SelfAttention(nn.Module):
             return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
+class Modulation(NamedTuple):
+    """A block's AdaLN output for one condition: gains, scales and shifts, each (B, 1, C)."""
+
+    gamma1: torch.Tensor
+    gamma2: torch.Tensor
+    scale1: torch.Tensor
+    scale2: torch.Tensor
+    shift1: torch.Tensor
+    shift2: torch.Tensor
+
+
 class Block(nn.Module):
-    """AdaLN self-attention block (upstream ``AdaLNSelfAttn``)."""
+    """AdaLN self-attention block (upstream ``AdaLNSelfAttn``).
+
+    ``forward`` is two residual branches, ``attn_branch`` and ``ffn_branch``; the sparse paths
+    (``blocks.py``) run the same branches on a subset of tokens, or with another FFN.
+    """
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -130,14 +147,28 @@ class Block(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.selector = nn.Linear(C, 1) if cfg.num_experts else None
 
-    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(gamma1, gamma2, scale1, scale2, shift1, shift2), each (B, 1, C)."""
+    def modulation(self, cond: torch.Tensor) -> Modulation:
         if self.shared_aln:
-            return (self.ada_gss + cond).unbind(2)  # cond: B16C from shared_ada_lin
-        return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
+            return Modulation(*(self.ada_gss + cond).unbind(2))  # cond: B16C from shared_ada_lin
+        return Modulation(*self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2))
 
-    def _norm(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def norm(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """The affine-free LayerNorm, then AdaLN's scale and shift."""
         return self.ln_wo_grad(x).mul(scale.add(1)).add(shift)
+
+    def attn_branch(
+        self,
+        x: torch.Tensor,
+        mod: Modulation,
+        attn_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """What attention adds to the residual stream of ``x``."""
+        return self.attn(self.norm(x, mod.scale1, mod.shift1), attn_mask, cache).mul(mod.gamma1)
+
+    def ffn_branch(self, x: torch.Tensor, mod: Modulation, ffn: Callable | None = None) -> torch.Tensor:
+        """What the FFN adds to the residual stream of ``x``; ``ffn`` replaces the dense FFN (experts)."""
+        return (ffn or self.ffn)(self.norm(x, mod.scale2, mod.shift2)).mul(mod.gamma2)
 
     def forward(
         self,
@@ -146,9 +177,9 @@ class Block(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        g1, g2, s1, s2, b1, b2 = self.modulation(cond)
-        x = x + self.attn(self._norm(x, s1, b1), attn_mask, cache).mul(g1)
-        return x + self.ffn(self._norm(x, s2, b2)).mul(g2)
+        mod = self.modulation(cond)
+        x = x + self.attn_branch(x, mod, attn_mask, cache)
+        return x + self.ffn_branch(x, mod)
 
     def selector_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Score of each token (B, n): the selector reads the affine-free LayerNorm of the input."""
@@ -241,7 +272,7 @@ class VAR(nn.Module):
         with component("head"):
             return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
-    def sparse_segments(self, policy: SparsityPolicy | None) -> list[routing.SparseSegment]:
+    def sparse_segments(self, policy: SparsityPolicy | None) -> list[SparseSegment]:
         if policy is None or not self.is_actvar:
             return []
         segs = []
@@ -249,7 +280,7 @@ class VAR(nn.Module):
             kt = policy.tokens_kept(si, ed - bg)
             kw = policy.experts_kept(si, self.cfg.num_experts)
             if kt < ed - bg or kw < self.cfg.num_experts:
-                segs.append(routing.SparseSegment(si, bg, ed, kt, kw))
+                segs.append(SparseSegment(si, bg, ed, kt, kw))
         return segs
 
     # -- teacher forcing ---------------------------------------------------------------

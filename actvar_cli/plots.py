@@ -33,7 +33,7 @@ def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_with
+    from .files import atomic_write_with
 
     key, label = ("fid", "FID (lower is better)") if ref and all("fid" in r for r in rows) else ("kl", "KL to dense")
     quality = [r[key] for r in rows]
@@ -85,7 +85,7 @@ def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .checkpoint import atomic_write_with
+    from .files import atomic_write_with
 
     cols = min(2, len(points))
     rows_n = -(-len(points) // cols)

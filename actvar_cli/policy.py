@@ -22,14 +22,31 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import VARConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # the configuration is read, never built, here
+    from .config import VARConfig
 
 TOKEN_RULES = ("selector", "fixed", "centre", "far-from-mean")
 EXPERT_RULES = ("router", "threshold")
 NEEDS_SELECTOR = ("selector", "fixed")
+
+
+@dataclass(frozen=True)
+class SparseSegment:
+    """A sparse scale as a slice of the token sequence, with how much of it is kept."""
+
+    scale_index: int  # 0-based
+    start: int
+    end: int
+    keep_tokens: int  # K_t
+    keep_experts: int  # K_w
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ import math
 
 import torch
 
+from .config import VAEConfig, VARConfig
+from .model import VAR
+from .vqvae import VQVAE
+
 
 def _std_for(name: str, shape: torch.Size) -> tuple[float, float]:
     """(mean, std) for one tensor, by its role."""
@@ -49,26 +53,17 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Ten
     return out
 
 
-def write_random_weights(arch: str, output, seed: int) -> dict:
-    """An architecture (``dN``, ``tiny`` or ``vae``) with seeded random weights, written to ``output``."""
-    from pathlib import Path
+def random_var(cfg: VARConfig, seed: int = 0) -> VAR:
+    """A VAR of ``cfg`` with seeded random weights (eval mode, no grad)."""
+    with torch.device("meta"):
+        model = VAR(cfg)
+    model.load_state_dict(random_state_dict(VAR(cfg), seed), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
-    from .checkpoint import atomic_write_with, check_output_file, save_safetensors
-    from .config import VAEConfig, arch_config
-    from .model import VAR
-    from .vqvae import VQVAE
 
-    output = Path(output)
-    check_output_file(output, (".safetensors", ".pth"))
-    if arch.lower() == "vae":
-        sd = random_state_dict(VQVAE(VAEConfig()), seed)
-        meta = {"format": "actvar", "kind": "vqvae", "vae_config": VAEConfig().to_dict(), "random_seed": seed}
-    else:
-        cfg = arch_config(arch)
-        sd = random_state_dict(VAR(cfg), seed)
-        meta = {"format": "actvar", "kind": "var", "var_config": cfg.to_dict(), "random_seed": seed}
-    if output.suffix == ".pth":
-        atomic_write_with(output, lambda tmp: torch.save(sd, tmp))
-    else:
-        save_safetensors(sd, output, meta)
-    return {"arch": arch, "seed": seed, "output": str(output)}
+def random_vae(cfg: VAEConfig, seed: int = 1) -> VQVAE:
+    """A VQVAE of ``cfg`` with seeded random weights (eval mode, no grad)."""
+    with torch.device("meta"):
+        vae = VQVAE(cfg)
+    vae.load_state_dict(random_state_dict(VQVAE(cfg), seed), strict=True, assign=True)
+    return vae.eval().requires_grad_(False)

@@ -218,6 +218,11 @@ def recipe_for(cfg, name: str | None = None) -> Recipe:
     return Recipe().override(scales=[n - 1, n])
 
 
+def pick_recipe(config: str | Path | None, cfg) -> Recipe:
+    """``--config`` when given, else the recipe named for the model (``recipe_for``)."""
+    return load_recipe(config) if config else recipe_for(cfg)
+
+
 def load_recipe(source: str | Path | None) -> Recipe:
     if source is None:
         return Recipe()

@@ -107,7 +107,8 @@ class Checkpoints:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optims: dict[str, Any], log: list, seconds: float):
-        from .checkpoint import atomic_write_text, atomic_write_with, save_safetensors
+        from .checkpoint import save_safetensors
+        from .files import atomic_write_text, atomic_write_with
 
         for name, m in modules.items():
             save_safetensors(m.state_dict(), self.dir / f"{name}.safetensors", {})

@@ -1,8 +1,7 @@
-"""Which tokens and experts run, and computing only those.
+"""Which experts each token runs, and computing only those.
 
-Both the generation path and the teacher-forcing path take their choices from the same
-``torch.topk`` calls here, so the two paths agree token for token. Expert work is a list of
-(token, expert) pairs sorted by expert; two kernels compute it and give the same result:
+Expert work is a list of (token, expert) pairs sorted by expert; three kernels compute it and
+give the same result:
 
 * ``grouped``: one ``torch.nn.functional.grouped_mm`` per layer, group offsets from a
   ``scatter_add``/``cumsum`` of the pair counts. No host sync and no Python loop over
@@ -17,12 +16,26 @@ Both the generation path and the teacher-forcing path take their choices from th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
+
+from .errors import ConfigError
+
+
+def check_expert_count(ffn_dim: int, num_experts: int) -> None:
+    """N equal experts need N >= 2 dividing the FFN width."""
+    if num_experts < 2:
+        raise ConfigError(f"--experts {num_experts}: need at least 2 experts")
+    if ffn_dim % num_experts:
+        divisors = [n for n in (2, 4, 8, 16, 32, 64) if ffn_dim % n == 0]
+        raise ConfigError(
+            f"{num_experts} experts do not divide the FFN width {ffn_dim}",
+            f"use a divisor such as {', '.join(map(str, divisors))}",
+        )
+
 
 KERNELS = ("auto", "grouped", "loop", "masked")
 # Below this many multiply-adds per expert (rows x C x d_e) the loop loses to the masked kernel on a
@@ -56,57 +69,9 @@ def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 flop_counter.register_flop_formula(torch.ops.actvar.grouped_mm)(_grouped_mm_flops)  # the counter sees only our op
 
 
-@dataclass(frozen=True)
-class SparseSegment:
-    """A sparse scale as a slice of the token sequence, with how much of it is kept."""
-
-    scale_index: int  # 0-based
-    start: int
-    end: int
-    keep_tokens: int  # K_t
-    keep_experts: int  # K_w
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-
-def select_tokens(scores_Bn: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B, k) of each row's k best tokens, in sequence order."""
-    return scores_Bn.topk(k, dim=-1).indices.sort(dim=-1).values
-
-
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries along the last dimension."""
-    idx = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
-
-
 def route(router_logits_TN: torch.Tensor, k: int) -> torch.Tensor:
     """The k experts (T, k) each token uses: top-k of the router's softmax (= of its logits)."""
     return router_logits_TN.topk(k, dim=-1).indices
-
-
-def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """Forward value exactly ``hard`` (0/1); gradient that of ``soft``.
-
-    ``soft - soft.detach()`` is exactly 0 in floating point, so ``hard + 0`` stays exact.
-    """
-    return hard.to(soft.dtype) + (soft - soft.detach())
-
-
-def far_from_mean_scores(x_BnC: torch.Tensor) -> torch.Tensor:
-    """FastVAR's score (B, n): squared distance of each token to the mean token of its scale."""
-    return (x_BnC - x_BnC.mean(dim=1, keepdim=True)).float().square().sum(-1)
-
-
-@functools.lru_cache(maxsize=32)
-def centre_scores(side: int) -> torch.Tensor:
-    """EAR's centre-outward priority (side*side,): higher nearer the centre, ties in raster order."""
-    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    c = (side - 1) / 2
-    dist = ((yy - c) ** 2 + (xx - c) ** 2).reshape(-1).double()
-    return -(dist + torch.arange(side * side, dtype=torch.double) * 1e-6)  # nearer first, then earlier
 
 
 # ---------------------------------------------------------------------------
@@ -221,3 +186,30 @@ def _loop(ffn, x_TC: torch.Tensor, pairs: Pairs) -> torch.Tensor:
         out.index_add_(0, token_n, y_nC)
         start += n
     return out if out is not None else x_TC.new_zeros(x_TC.shape)
+
+
+# ---------------------------------------------------------------------------
+# How close each expert comes to the whole FFN (router targets)
+# ---------------------------------------------------------------------------
+
+
+def _per_expert(ffn, h_TC: torch.Tensor, num_experts: int, reduce, chunk: int = 1024) -> torch.Tensor:
+    """``reduce(experts_TNC)`` over chunks of tokens; experts_TNC is each expert's output without fc2's bias."""
+    w1, b1 = ffn.fc1.weight.float(), ffn.fc1.bias.float()
+    w2 = ffn.fc2.weight.float().view(w1.shape[1], num_experts, -1)  # C, N, d_e
+    out = []
+    for s in range(0, h_TC.shape[0], chunk):
+        h = h_TC[s : s + chunk].to(w1.device)
+        act = F.gelu(F.linear(h, w1, b1), approximate="tanh").view(h.shape[0], num_experts, -1)  # T, N, d_e
+        out.append(reduce(torch.einsum("tnd,cnd->tnc", act, w2)).cpu())  # T, N, C -> T, N
+    return torch.cat(out)
+
+
+def expert_distances(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """d[t, e] = mean squared distance between expert e's output (with fc2's bias) and the FFN output."""
+    return _per_expert(ffn, h_TC, num_experts, lambda e: (e - e.sum(1, keepdim=True)).square().mean(-1))
+
+
+def expert_norms(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """n[t, e] = the L2 norm of expert e's output for token t (D2DMoE's routing target)."""
+    return _per_expert(ffn, h_TC, num_experts, lambda e: e.norm(dim=-1))

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_text, atomic_write_with, save_safetensors, source_id
+from .checkpoint import save_safetensors
 from .errors import CheckpointError, ConfigError, OutputError
+from .files import atomic_write_text, atomic_write_with
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -29,14 +30,14 @@ RUN_OUTPUTS = (RUN_FILE, METRICS_FILE, CHECKPOINTS, "model.safetensors", "traini
 RUNTIME_KEYS = ("checkpoint_every", "keep_checkpoints", "precision")  # may change when resuming
 
 
-def run_identity(job, sources: dict[str, str], global_batch: int, total: int, data: str) -> dict[str, Any]:
-    """What must be the same for a resumed run to continue this one."""
+def run_identity(job, ids: dict[str, str], global_batch: int, total: int, data: str) -> dict[str, Any]:
+    """What must be the same for a resumed run to continue this one (``ids``: sha256 or builtin:NAME)."""
     recipe = {k: v for k, v in job.recipe.to_dict().items() if k not in RUNTIME_KEYS}
     return {
         "stage": job.stage,
-        "model_sha256": source_id(sources["model"]),
-        "teacher_sha256": source_id(sources["teacher"]),
-        "vae_sha256": source_id(sources["vae"]),
+        "model_sha256": ids["model"],
+        "teacher_sha256": ids["teacher"],
+        "vae_sha256": ids["vae"],
         "data": data,
         "recipe": recipe,
         "global_batch": global_batch,

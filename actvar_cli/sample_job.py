@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from . import images
-from .checkpoint import atomic_write_text
-from .device import autocast, synchronize
 from .errors import ConfigError, OutputError
+from .files import atomic_write_text
 from .model import VAR
 from .policy import SparsityPolicy
 from .progress import Progress
-from .sampling import SamplingOptions, compile_steps, decode_images, generate, image_generators, to_uint8
+from .runtime import Runtime
+from .sampling import SamplingOptions, decode_images, generate, image_generators, to_uint8
 from .vqvae import VQVAE
 
 RECORD = "samples.json"
@@ -80,7 +80,7 @@ class SampleJob:
 
 
 @dataclass
-class SampleResult:
+class SamplingRun:
     out_dir: Path
     paths: list[Path]
     generated: int
@@ -150,15 +150,16 @@ def _regrouped(files: list[Path], old: dict[str, Any] | None, new: dict[str, Any
 
 @torch.no_grad()
 def generate_batch(
-    model, vae, job: SampleJob, indices: list[int], batch_number: int, device, dtype, policy
+    model, vae, job: SampleJob, indices: list[int], *, batch_number: int, runtime: Runtime, policy
 ) -> np.ndarray:
     """uint8 NHWC images of one canonical batch."""
+    device = runtime.device
     labels = torch.tensor([job.label(i) for i in indices], device=device)
     if job.upstream_seeding:
         rng = torch.Generator(device=device).manual_seed(job.seed + batch_number)
     else:
         rng = image_generators(job.seed, indices, device)
-    with autocast(device, dtype):
+    with runtime.autocast():
         gen = generate(model, vae, labels, job.opts, rng=rng, policy=policy)
     return to_uint8(decode_images(vae, gen.f_hat))
 
@@ -168,13 +169,13 @@ def run_sample_job(
     vae: VQVAE,
     job: SampleJob,
     out_dir: str | Path,
-    device: torch.device,
-    dtype: str = "fp32",
+    *,
+    runtime: Runtime,
     policy: SparsityPolicy | None = None,
     progress: Progress | None = None,
     rank: int = 0,
     world: int = 1,
-) -> SampleResult:
+) -> SamplingRun:
     """Make this process's canonical batches that miss a file, writing only the missing files.
 
     ``out_dir`` must have been prepared (``prepare_out_dir``)."""
@@ -189,15 +190,15 @@ def run_sample_job(
         progress("sampling", done, len(mine))
     t0 = time.perf_counter()
     for batch_number, idx in todo:
-        imgs = generate_batch(model, vae, job, idx, batch_number, device, dtype, policy)
+        imgs = generate_batch(model, vae, job, idx, batch_number=batch_number, runtime=runtime, policy=policy)
         for i, img in zip(idx, imgs):
             if not path_of[i].exists():
                 images.save_png(path_of[i], img)
                 done += 1
         if progress:
             progress("sampling", done, len(mine))
-    synchronize(device)
-    return SampleResult(out, [path_of[i] for i in mine], missing, len(mine) - missing, time.perf_counter() - t0)
+    runtime.synchronize()
+    return SamplingRun(out, [path_of[i] for i in mine], missing, len(mine) - missing, time.perf_counter() - t0)
 
 
 def finish_outputs(job: SampleJob, out_dir: str | Path, npz: bool, grid: bool = True, grid_max: int = 64) -> tuple:
@@ -233,88 +234,21 @@ def generate_images(
     model: VAR,
     vae: VQVAE,
     labels: list[int],
+    *,
     seed: int,
     batch_size: int,
-    device: torch.device,
-    dtype: str = "fp32",
+    runtime: Runtime,
     policy: SparsityPolicy | None = None,
     opts: SamplingOptions = SamplingOptions(),
 ) -> np.ndarray:
     """uint8 NHWC images in memory, made in the same canonical batches as a sampling job's files."""
     job = SampleJob(list(labels), seed=seed, batch_size=batch_size, opts=opts)
-    out = [generate_batch(model, vae, job, idx, k, device, dtype, policy) for k, idx in job.batches()]
+    out = [
+        generate_batch(model, vae, job, idx, batch_number=k, runtime=runtime, policy=policy) for k, idx in job.batches()
+    ]
     return np.concatenate(out)
 
 
-@dataclass
-class SampleRequest:
-    """What ``actvar sample`` was asked for."""
-
-    model: str
-    vae: str | None
-    out_dir: Path
-    classes: list[int] | None = None  # None: four ImageNet classes, or the first ten of a smaller model
-    num_per_class: int = 1
-    opts: SamplingOptions = field(default_factory=SamplingOptions)
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    npz: bool = False
-    upstream_seeding: bool = False
-    dense: bool = False
-    overwrite: bool = False
-    num_heads: int | None = None
-    compile: bool = False
-
-
 def default_classes(num_classes: int) -> list[int]:
+    """Four ImageNet classes (upstream's demo), or the first ten classes of a smaller model."""
     return [980, 437, 22, 562] if num_classes == 1000 else list(range(min(num_classes, 10)))
-
-
-def sample_to_folder(req: SampleRequest, progress: Progress | None = None) -> dict[str, Any]:
-    """``actvar sample``: check everything, make the missing images, then the grid (and npz)."""
-    from .checkpoint import check_pair, load_vae, load_var, source_id
-    from .device import pick_device, resolve_dtype
-    from .hub import find_vae
-
-    req.opts.validate()
-    if req.batch_size < 1 or req.num_per_class < 1:
-        raise ConfigError(f"--batch-size {req.batch_size} / --num-per-class {req.num_per_class}: must be at least 1")
-    dev = pick_device(req.device)
-    dt = resolve_dtype(req.dtype, dev)
-    model, info = load_var(req.model, num_heads=req.num_heads)
-    classes = req.classes if req.classes is not None else default_classes(model.num_classes)
-    job = SampleJob.blocks(
-        classes,
-        req.num_per_class,
-        seed=req.seed,
-        batch_size=req.batch_size,
-        opts=req.opts,
-        upstream_seeding=req.upstream_seeding,
-    )
-    job.validate(model.num_classes)
-    vae_src = find_vae(info.metadata, req.vae)
-    vae, _ = load_vae(vae_src, model.cfg.patch_nums)
-    check_pair(model.cfg, vae)
-    policy = None if req.dense else model.policy
-    prepare_out_dir(req.out_dir, job_record(job, source_id(req.model), source_id(vae_src), policy, dt), req.overwrite)
-    model.to(dev), vae.to(dev)
-    if req.compile:
-        compile_steps(model)
-    result = run_sample_job(model, vae, job, req.out_dir, dev, dt, policy, progress)
-    grid, npz = finish_outputs(job, req.out_dir, req.npz)
-    return {
-        "out_dir": str(result.out_dir),
-        "model": info.name,
-        "kind": info.kind,
-        "images": job.total,
-        "generated": result.generated,
-        "skipped": result.skipped,
-        "seconds": round(result.seconds, 3),
-        "images_per_s": round(result.images_per_s, 3),
-        "device": str(dev),
-        "dtype": dt,
-        "grid": str(grid) if grid else None,
-        "npz": str(npz) if npz else None,
-    }

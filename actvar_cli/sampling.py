@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .components import component
 from .errors import ConfigError
 from .model import VAR
 from .policy import SparsityPolicy
-from .profiling import component
 from .sparse import GenerationState
 from .vqvae import VQVAE
 

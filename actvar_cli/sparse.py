@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import routing
+from . import routing, tokens
+from .components import component
 from .policy import ScalePlan
-from .profiling import component
 
 
 @dataclass
@@ -60,10 +60,10 @@ def kept_tokens(block, x_BnC: torch.Tensor, plan: ScalePlan, state: GenerationSt
         return None
     B, n, _ = x_BnC.shape
     if plan.token_rule == "selector":
-        return routing.select_tokens(block.selector_logits(x_BnC), plan.keep_tokens)
+        return tokens.select_tokens(block.selector_logits(x_BnC), plan.keep_tokens)
     if plan.token_rule == "centre":
         side = round(n**0.5)
-        idx = routing.select_tokens(routing.centre_scores(side).to(x_BnC.device).view(1, n), plan.keep_tokens)
+        idx = tokens.select_tokens(tokens.centre_scores(side).to(x_BnC.device).view(1, n), plan.keep_tokens)
         return idx.expand(B, -1)
     if state.fixed_scale != si:  # "fixed": ranked once, by the first block that meets the first sparse scale
         side = round(n**0.5)
@@ -72,7 +72,7 @@ def kept_tokens(block, x_BnC: torch.Tensor, plan: ScalePlan, state: GenerationSt
             scores = state.fixed_scores.view(B, n)
         else:
             scores = F.interpolate(state.fixed_scores.unsqueeze(1), size=(side, side), mode="bilinear").view(B, n)
-        state.fixed_idx, state.fixed_scale = routing.select_tokens(scores, plan.keep_tokens), si
+        state.fixed_idx, state.fixed_scale = tokens.select_tokens(scores, plan.keep_tokens), si
     return state.fixed_idx
 
 
@@ -107,13 +107,13 @@ def block_generate(block, x_BnC, cond, cache, plan: ScalePlan, state: Generation
     """Block ``i`` at scale ``si`` of generation, computing only what ``plan`` keeps."""
     if plan.token_rule == "far-from-mean" and plan.sparse_tokens:
         return _fastvar_block(block, x_BnC, cond, cache, plan, state, i, si)
-    g1, g2, s1, s2, b1, b2 = block.modulation(cond)
+    mod = block.modulation(cond)
     with component("select"):
         idx = kept_tokens(block, x_BnC, plan, state, si)
         xs = x_BnC if idx is None else gather(x_BnC, idx)  # B, K_t, C
-    attn_out = block.attn(block._norm(xs, s1, b1), None, cache).mul(g1)
+    attn_out = block.attn_branch(xs, mod, cache=cache)
     xs = xs + attn_out
-    ffn_out = ffn_apply(block.ffn, block._norm(xs, s2, b2), plan, state, si).mul(g2)
+    ffn_out = block.ffn_branch(xs, mod, ffn=lambda h: ffn_apply(block.ffn, h, plan, state, si))
     if state.record_sublayers and idx is None:
         state.sublayers[i] = (attn_out, ffn_out)
     xs = xs + ffn_out
@@ -134,15 +134,15 @@ def _resized(prev_BmC: torch.Tensor, n: int) -> torch.Tensor:
 def _fastvar_block(block, x_BnC, cond, cache, plan: ScalePlan, state: GenerationState, i: int, si: int):
     """FastVAR's cached token pruning: each sublayer computes the K_t tokens farthest from the
     scale's mean; the others receive the previous scale's output of that sublayer, resized."""
-    g1, g2, s1, s2, b1, b2 = block.modulation(cond)
+    mod = block.modulation(cond)
     n, K = x_BnC.shape[1], plan.keep_tokens
     prev_attn, prev_ffn = state.sublayers[i]
-    idx = routing.select_tokens(routing.far_from_mean_scores(x_BnC), K)
-    attn_out = block.attn(block._norm(gather(x_BnC, idx), s1, b1), None, cache).mul(g1)
+    idx = tokens.select_tokens(tokens.far_from_mean_scores(x_BnC), K)
+    attn_out = block.attn_branch(gather(x_BnC, idx), mod, cache=cache)
     attn_full = scatter(_resized(prev_attn, n).to(attn_out.dtype), idx, attn_out)
     x = x_BnC + attn_full
-    idx = routing.select_tokens(routing.far_from_mean_scores(x), K)
-    ffn_out = ffn_apply(block.ffn, block._norm(gather(x, idx), s2, b2), plan, state, si).mul(g2)
+    idx = tokens.select_tokens(tokens.far_from_mean_scores(x), K)
+    ffn_out = block.ffn_branch(gather(x, idx), mod, ffn=lambda h: ffn_apply(block.ffn, h, plan, state, si))
     ffn_full = scatter(_resized(prev_ffn, n).to(ffn_out.dtype), idx, ffn_out)
     state.sublayers[i] = (attn_full, ffn_full)
     return x + ffn_full
@@ -184,15 +184,15 @@ def fixed_choices(model, x: torch.Tensor, segments, rule: str) -> list[TokenChoi
             continue
         side = round(seg.length**0.5)
         if rule == "centre":
-            scores = routing.centre_scores(side).to(x.device, torch.float32).view(1, -1).expand(x.shape[0], -1)
-            keep = routing.topk_mask(scores, seg.keep_tokens)
+            scores = tokens.centre_scores(side).to(x.device, torch.float32).view(1, -1).expand(x.shape[0], -1)
+            keep = tokens.topk_mask(scores, seg.keep_tokens)
             out.append(TokenChoice(keep, keep.to(x.dtype)))
             continue
         if first is None:
             first = model.blocks[0].selector_logits(x[:, seg.start : seg.end]).view(-1, side, side)
         logits = F.interpolate(first.unsqueeze(1), size=(side, side), mode="bilinear").view(x.shape[0], -1)
-        keep = routing.topk_mask(logits, seg.keep_tokens)
-        out.append(TokenChoice(keep, routing.straight_through(keep, torch.sigmoid(logits))))
+        keep = tokens.topk_mask(logits, seg.keep_tokens)
+        out.append(TokenChoice(keep, tokens.straight_through(keep, torch.sigmoid(logits))))
     return out
 
 
@@ -208,8 +208,8 @@ def _token_gates(block, x, segments, choices, aux):
             keep, g = choices[k].keep, choices[k].gate
         else:
             logits = block.selector_logits(x[:, seg.start : seg.end])  # B, n
-            keep = routing.topk_mask(logits, seg.keep_tokens)
-            g = routing.straight_through(keep, torch.sigmoid(logits))
+            keep = tokens.topk_mask(logits, seg.keep_tokens)
+            g = tokens.straight_through(keep, torch.sigmoid(logits))
             if aux is not None:
                 aux.selector_logits.append(logits)
                 aux.token_keep.append(keep)
@@ -228,8 +228,8 @@ def _expert_gates(ffn, h, segments, hidden, aux):
             continue
         h_seg = h[:, seg.start : seg.end]
         logits = ffn.router_logits(h_seg)  # B, n, N
-        keep = routing.topk_mask(logits, seg.keep_experts)
-        g = routing.straight_through(keep, logits.softmax(-1))
+        keep = tokens.topk_mask(logits, seg.keep_experts)
+        g = tokens.straight_through(keep, logits.softmax(-1))
         gate = hidden.new_ones(B, L, ffn.num_experts) if gate is None else gate
         gate = torch.cat((gate[:, : seg.start], g, gate[:, seg.end :]), dim=1)
         if aux is not None:
@@ -245,18 +245,22 @@ def block_masked(block, x, cond, causal_mask, segments, aux: BlockAux | None = N
     ``causal_mask`` (1, 1, L, L) bool is VAR's block-causal mask (True = may attend); ``choices``
     are the precomputed token choices of the fixed and centre rules (None: this block's selector).
     """
-    B, L, C = x.shape
-    g1, g2, s1, s2, b1, b2 = block.modulation(cond)
+    mod = block.modulation(cond)
     token_gate, key_keep = _token_gates(block, x, segments, choices, aux)
     mask = causal_mask if token_gate is None else causal_mask & key_keep[:, None, None, :]
-    y = x + block.attn(block._norm(x, s1, b1), mask).mul(g1)
-    h = block._norm(y, s2, b2)
-    hidden = block.ffn.act(block.ffn.fc1(h))  # B, L, F
-    expert_gate = _expert_gates(block.ffn, h, segments, hidden, aux)
-    if expert_gate is not None:
-        N = block.ffn.num_experts
-        hidden = (hidden.view(B, L, N, -1) * expert_gate.unsqueeze(-1)).view(B, L, -1)  # B,L,N,d_e -> B,L,F
-    y = y + block.ffn.fc2(hidden).mul(g2)
+    y = x + block.attn_branch(x, mod, mask)
+    y = y + block.ffn_branch(y, mod, ffn=lambda h: _gated_ffn(block.ffn, h, segments, aux))
     if token_gate is None:
         return y
     return x + token_gate.unsqueeze(-1) * (y - x)
+
+
+def _gated_ffn(ffn, h_BLC: torch.Tensor, segments, aux: BlockAux | None) -> torch.Tensor:
+    """The FFN with each token's unchosen experts gated off (straight-through gates)."""
+    B, L, _ = h_BLC.shape
+    hidden = ffn.act(ffn.fc1(h_BLC))  # B, L, F
+    expert_gate = _expert_gates(ffn, h_BLC, segments, hidden, aux)
+    if expert_gate is not None:
+        N = ffn.num_experts
+        hidden = (hidden.view(B, L, N, -1) * expert_gate.unsqueeze(-1)).view(B, L, -1)  # B,L,N,d_e -> B,L,F
+    return ffn.fc2(hidden)

@@ -8,15 +8,18 @@ Usage: python scripts/bench_aa.py [ARCH] [BATCH] [REPEATS]
 import copy
 import sys
 
-import torch
-
-from actvar_cli.bench import bench, load_pair
+from actvar_cli.bench import bench
+from actvar_cli.commands.bench import random_pair
 from actvar_cli.policy import SparsityPolicy
+from actvar_cli.runtime import CPU
 
 arch = sys.argv[1] if len(sys.argv) > 1 else "d16"
 batch, repeats = (int(a) for a in (sys.argv[2:4] if len(sys.argv) > 3 else (1, 5)))
-model, _, vae, _ = load_pair(None, None, arch, None)
+pair = random_pair(arch, None, CPU)
+model, vae = pair.dense, pair.vae
 twin = copy.deepcopy(model)  # fresh tensors, equal values
-r = bench(model, twin, vae, torch.device("cpu"), "fp32", batch, repeats, by_scale=True, policy=SparsityPolicy.dense())
+r = bench(
+    model, twin, vae, runtime=CPU, batch_size=batch, repeats=repeats, by_scale=True, policy=SparsityPolicy.dense()
+)
 per_scale = " ".join(f"{s['speedup']:.2f}" for s in r["by_scale"]["scales"])
 print(f"{arch}, batch {batch}: model against its copy {r['speedup']:.3f}x; per scale {per_scale}")

@@ -111,3 +111,11 @@ def tiny_actvar(tmp_path_factory):
     result = CliRunner().invoke(app, ["moefy", "tiny", "-o", str(path), "--calib-images", "4"])
     assert result.exit_code == 0, result.stderr
     return path
+
+
+def distil(model, on_event=None, **job):
+    """One distillation stage of ``model`` (a path or name) through the library, as the command runs it."""
+    from actvar_cli.commands.distill import load_training_models
+    from actvar_cli.distill import DistillJob, run_distillation
+
+    return run_distillation(DistillJob(**job), load_training_models(str(model)), on_event)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actvar_cli.demo import DemoSettings, run_demo
+from actvar_cli.commands import demo
 
 
 @pytest.mark.slow
 def test_demo_measures_dense_converted_and_distilled_and_draws_them(tmp_path):
-    settings = DemoSettings(stage1_steps=2, stage2_steps=2, eval_images=20, agreement_pyramids=4, bench_repeats=1)
-    summary = run_demo(tmp_path, settings)
+    req = demo.DemoRequest(tmp_path, stage1_steps=2, stage2_steps=2, eval_images=20, agreement_pyramids=4,
+                           bench_repeats=1)  # fmt: skip
+    summary = demo.run(req).to_dict()
     rows = summary["models"]
     assert list(rows) == ["dense", "converted", "distilled"]
     for name, r in rows.items():

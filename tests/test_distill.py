@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, distil
 from PIL import Image
 
-from actvar_cli.agreement import routing_agreement, teacher_agreement
+from actvar_cli.agreement import teacher_agreement
 from actvar_cli.checkpoint import load_vae, load_var, save_model, stored_json, user_metadata
-from actvar_cli.distill import DistillJob, StepDone, run_distillation
+from actvar_cli.distill import StepDone
+from actvar_cli.losses import routing_agreement
 from actvar_cli.recipes import RECIPE_DIR, Recipe, load_recipe
 from actvar_cli.sampling import SamplingOptions
 
@@ -50,9 +51,7 @@ def untrained(tiny_actvar, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(untrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
-    job = DistillJob(stage=1, model=str(untrained), out_dir=out, recipe=tiny_recipe(global_batch=4), batch_size=4,
-                     max_steps=60)  # fmt: skip
-    return out, run_distillation(job)
+    return out, distil(untrained, stage=1, out_dir=out, recipe=tiny_recipe(global_batch=4), batch_size=4, max_steps=60)
 
 
 @pytest.mark.slow
@@ -80,10 +79,8 @@ def test_stage1_raises_routing_and_selection_agreement(untrained, stage1):
 @pytest.mark.slow
 def test_stage2_lowers_kl_to_teacher(stage1, tmp_path):
     out1, _ = stage1
-    run_distillation(
-        DistillJob(stage=2, model=str(out1 / "model.safetensors"), out_dir=tmp_path, recipe=tiny_recipe(global_batch=8),
-                   batch_size=8, max_steps=40)
-    )  # fmt: skip
+    distil(out1 / "model.safetensors", stage=2, out_dir=tmp_path, recipe=tiny_recipe(global_batch=8), batch_size=8,
+           max_steps=40)  # fmt: skip
     like_training = SamplingOptions(cfg=tiny_recipe().teacher_cfg)  # held-out pyramids drawn as training ones
     before = teacher_agreement(*held_out(out1 / "model.safetensors"), num=16, psnr_images=0, opts=like_training)
     after = teacher_agreement(*held_out(tmp_path / "model.safetensors"), num=16, psnr_images=0, opts=like_training)
@@ -113,19 +110,18 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_actvar, tmp
     recipe = tiny_recipe(checkpoint_every=2, global_batch=8)
 
     def job(out, resume=False):
-        return DistillJob(stage=1, model=str(tiny_actvar), out_dir=out, recipe=recipe, batch_size=4, max_steps=5,
-                          resume=resume)  # fmt: skip
+        return dict(stage=1, out_dir=out, recipe=recipe, batch_size=4, max_steps=5, resume=resume)
 
-    run_distillation(job(tmp_path / "straight"))
+    distil(tiny_actvar, **job(tmp_path / "straight"))
 
     def crash(ev):
         if isinstance(ev, StepDone) and ev.step == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_distillation(job(tmp_path / "broken"), on_event=crash)
+        distil(tiny_actvar, on_event=crash, **job(tmp_path / "broken"))
     assert not (tmp_path / "broken" / "model.safetensors").exists()
-    summary = run_distillation(job(tmp_path / "broken", resume=True))
+    summary = distil(tiny_actvar, **job(tmp_path / "broken", resume=True))
     assert summary["resumed_from_step"] == 2
     a, _ = load_var(tmp_path / "straight" / "model.safetensors")
     b, _ = load_var(tmp_path / "broken" / "model.safetensors")
@@ -144,26 +140,16 @@ def test_image_folder_data_is_encoded_once_into_a_token_cache(tiny_actvar, tmp_p
             arr = rng.integers(0, 255, size=(300 + 10 * i, 280, 3), dtype=np.uint8)
             Image.fromarray(arr).save(tmp_path / "data" / "train" / c / f"{i}.JPEG")
     cache = tmp_path / "tokens"
-    job = DistillJob(stage=1, model=str(tiny_actvar), out_dir=tmp_path / "run", recipe=tiny_recipe(global_batch=4),
+    summary = distil(tiny_actvar, stage=1, out_dir=tmp_path / "run", recipe=tiny_recipe(global_batch=4),
                      data=str(tmp_path / "data"), cache_tokens=cache, batch_size=4, max_steps=2)  # fmt: skip
-    summary = run_distillation(job)
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["images"] == 6 and meta["classes"] == ["n01440764", "n01443537"]
     tokens = np.load(cache / "tokens.npy")
     assert tokens.shape == (6, 155) and tokens.max() < 1024
     assert sorted(np.load(cache / "labels.npy").tolist()) == [0, 0, 0, 1, 1, 1]
     assert "token cache" in summary["data"]
-    again = run_distillation(
-        DistillJob(
-            stage=1,
-            model=str(tiny_actvar),
-            out_dir=tmp_path / "run2",
-            recipe=tiny_recipe(global_batch=4),
-            data=str(cache),
-            batch_size=4,
-            max_steps=1,
-        )
-    )
+    again = distil(tiny_actvar, stage=1, out_dir=tmp_path / "run2", recipe=tiny_recipe(global_batch=4),
+                   data=str(cache), batch_size=4, max_steps=1)  # fmt: skip
     assert again["steps"] == 1
 
 

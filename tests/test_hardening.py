@@ -6,9 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import distil
 
 from actvar_cli.checkpoint import load_var, read_state_dict, save_model, user_metadata
-from actvar_cli.distill import DistillJob, run_distillation
 from actvar_cli.errors import CheckpointError, ConfigError, OutputError
 from actvar_cli.recipes import load_recipe
 
@@ -31,7 +31,7 @@ def plant(path, marker):
 
 def tiny_job(model, out, **kw):
     recipe = load_recipe("tiny").override(global_batch=4, checkpoint_every=2)
-    return DistillJob(stage=1, model=str(model), out_dir=out, recipe=recipe, batch_size=4, **{"max_steps": 3, **kw})
+    return model, dict(stage=1, out_dir=out, recipe=recipe, batch_size=4, **{"max_steps": 3, **kw})
 
 
 # -- no code runs from a file that a run reads back ----------------------------------------
@@ -40,11 +40,11 @@ def tiny_job(model, out, **kw):
 @pytest.mark.slow
 def test_resume_never_unpickles_what_it_finds_in_a_run_folder(tiny_actvar, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "pwned"
-    run_distillation(tiny_job(tiny_actvar, out, max_steps=4))
+    train(tiny_job(tiny_actvar, out, max_steps=4))
     newest = sorted((out / "checkpoints").iterdir())[-1]
     plant(newest / "custom_checkpoint_0.pkl", marker)  # Accelerate would unpickle this on load_state
     plant(newest / "optimizer.pt", marker)  # a planted optimizer state: refused, the previous checkpoint used
-    summary = run_distillation(tiny_job(tiny_actvar, out, resume=True, max_steps=4))
+    summary = train(tiny_job(tiny_actvar, out, resume=True, max_steps=4))
     assert not marker.exists()
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
 
@@ -71,10 +71,10 @@ def test_eval_reads_no_cache_that_it_did_not_write(run_cli, tiny_actvar, tmp_pat
 @pytest.mark.slow
 def test_a_fresh_run_refuses_a_folder_that_holds_another_run(tiny_actvar, tmp_path):
     out = tmp_path / "run"
-    run_distillation(tiny_job(tiny_actvar, out, max_steps=2))
+    train(tiny_job(tiny_actvar, out, max_steps=2))
     with pytest.raises(OutputError, match="holds another run's files"):
-        run_distillation(tiny_job(tiny_actvar, out, max_steps=2))
-    assert run_distillation(tiny_job(tiny_actvar, out, max_steps=2, overwrite=True))["steps"] == 2
+        train(tiny_job(tiny_actvar, out, max_steps=2))
+    assert train(tiny_job(tiny_actvar, out, max_steps=2, overwrite=True))["steps"] == 2
 
 
 @pytest.mark.slow
@@ -83,18 +83,18 @@ def test_resume_refuses_another_model_of_the_same_architecture(tiny_actvar, tmp_
     model, info = load_var(tiny_actvar)
     model.blocks[0].selector.bias.data += 1
     save_model(model, other, user_metadata(info.metadata))
-    run_distillation(tiny_job(tiny_actvar, tmp_path / "run", max_steps=2))
+    train(tiny_job(tiny_actvar, tmp_path / "run", max_steps=2))
     with pytest.raises(ConfigError, match="differs in model_sha256"):
-        run_distillation(tiny_job(other, tmp_path / "run", max_steps=3, resume=True))
+        train(tiny_job(other, tmp_path / "run", max_steps=3, resume=True))
 
 
 @pytest.mark.slow
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_actvar, tmp_path):
     out = tmp_path / "run"
-    run_distillation(tiny_job(tiny_actvar, out, max_steps=4))  # checkpoints at steps 2 and 4
+    train(tiny_job(tiny_actvar, out, max_steps=4))  # checkpoints at steps 2 and 4
     latest = out / "checkpoints" / "step_000004" / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:1000])
-    summary = run_distillation(tiny_job(tiny_actvar, out, max_steps=4, resume=True))
+    summary = train(tiny_job(tiny_actvar, out, max_steps=4, resume=True))
     assert summary["resumed_from_step"] == 2
 
 
@@ -156,7 +156,7 @@ def test_a_token_cache_made_with_another_vae_is_refused(tiny_actvar, tmp_path):
     meta = {"format": "actvar-token-cache", "patch_nums": [1, 2, 3, 4, 5, 6, 8], "vae_sha256": "0" * 64}
     (cache / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="encoded with another VQVAE"):
-        run_distillation(tiny_job(tiny_actvar, tmp_path / "run", data=str(cache)))
+        train(tiny_job(tiny_actvar, tmp_path / "run", data=str(cache)))
 
 
 # -- every bad value gets one line and exit code 2, before any work -----------------------------
@@ -219,3 +219,8 @@ def test_a_failed_upload_says_upload(run_cli, tiny_actvar):
         os.environ["HF_ENDPOINT"] = hub.url
         r = run_cli("push", tiny_actvar, "--repo", "me/actvar-tiny", "--token", "hf_x", expect=2)
     assert "upload" in r.stderr and "fetch" not in r.stderr
+
+
+def train(job):
+    model, kw = job
+    return distil(model, **kw)

@@ -26,7 +26,7 @@ NO_OP = ["static-experts:1", "fixed-tokens:1", "fastvar:0", "dmoe:0", "skip-last
 @pytest.fixture(scope="module")
 def builder(d2):
     _, vae = d2
-    return MethodBuilder(lambda: load_var(PARITY / "var_d2.pth")[0], vae, calib_images=2)
+    return MethodBuilder(load_var(PARITY / "var_d2.pth")[0], vae, calib_images=2)
 
 
 def run(method, vae, labels=(3, 500), opts=SamplingOptions(), **kw):

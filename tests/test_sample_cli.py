@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import LABELS, PARITY
 
 from actvar_cli.errors import OutputError
 from actvar_cli.images import load_png, png_name
+from actvar_cli.runtime import CPU
 from actvar_cli.sample_job import SampleJob, job_record, prepare_out_dir, run_sample_job
 from actvar_cli.sampling import SamplingOptions
 
@@ -61,7 +61,7 @@ def read_all(out, j):
 
 def make(model, vae, j, out, rank=0, world=1, overwrite=False):
     prepare_out_dir(out, job_record(j, "model", "vae", None, "fp32"), overwrite)
-    return run_sample_job(model, vae, j, out, torch.device("cpu"), rank=rank, world=world)
+    return run_sample_job(model, vae, j, out, runtime=CPU, rank=rank, world=world)
 
 
 @pytest.mark.slow

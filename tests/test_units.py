@@ -3,34 +3,35 @@
 import pytest
 import torch
 
-from actvar_cli import routing
-from actvar_cli.arguments import parse_float_list, parse_int_list, parse_set
+from actvar_cli import tokens
 from actvar_cli.bench import paired_speedup, scale_table, timed_steps
+from actvar_cli.cli.parsing import parse_float_list, parse_int_list, parse_set
 from actvar_cli.errors import ConfigError, HubError
 from actvar_cli.hub import DownloadTarget, parse_target
 from actvar_cli.losses import kl_to_target, load_balance, soft_topk
 from actvar_cli.policy import SparsityPolicy
 from actvar_cli.recipes import Recipe, load_recipe, with_policy_flags
+from actvar_cli.runtime import CPU
 
 # -- routing ---------------------------------------------------------------------------
 
 
 def test_topk_mask_marks_exactly_the_k_largest():
     scores = torch.tensor([[0.1, 3.0, -1.0, 2.0], [5.0, 4.0, 3.0, 2.0]])
-    mask = routing.topk_mask(scores, 2)
+    mask = tokens.topk_mask(scores, 2)
     assert mask.tolist() == [[False, True, False, True], [True, True, False, False]]
     assert mask.dtype == torch.bool and mask.sum().item() == 4
 
 
 def test_select_tokens_returns_the_k_best_in_sequence_order():
     scores = torch.tensor([[0.0, 9.0, 1.0, 8.0, 7.0]])
-    assert routing.select_tokens(scores, 3).tolist() == [[1, 3, 4]]
+    assert tokens.select_tokens(scores, 3).tolist() == [[1, 3, 4]]
 
 
 def test_straight_through_is_exactly_hard_forward_with_the_soft_gradient():
     soft = torch.tensor([0.2, 0.7, 0.4], requires_grad=True)
     hard = torch.tensor([False, True, True])
-    gate = routing.straight_through(hard, soft)
+    gate = tokens.straight_through(hard, soft)
     assert gate.tolist() == [0.0, 1.0, 1.0]  # exact, not approximately
     (gate * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert soft.grad.tolist() == [1.0, 2.0, 3.0]
@@ -173,7 +174,7 @@ def test_timing_steps_leaves_a_compiled_step_in_place():
     compiled, plain = Model(), Model()
     compiled.generation_step = step = lambda x: x + 2  # what compile_steps does
     for model, expected in ((compiled, 3), (plain, 2)):
-        with timed_steps(model, torch.device("cpu")) as seconds:
+        with timed_steps(model, CPU) as seconds:
             assert model.generation_step(1) == expected
         assert len(seconds) == 1
     assert compiled.generation_step is step and "generation_step" not in vars(plain)

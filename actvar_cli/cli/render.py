@@ -1,23 +1,31 @@
 """How the command line shows results: every Rich table and progress bar, in one place.
 
 The library returns plain dicts and dataclasses; these functions turn them into tables.
-Only ``cli.py`` imports this module.
+Only the CLI imports this module.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape as _escape_markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .progress import Progress as ProgressCallback
+from ..progress import Progress as ProgressCallback
 
 out = Console()  # results
 err = Console(stderr=True)  # messages, progress
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal escapes and other control characters
+
+
+def escape(text: object) -> str:
+    """Text from a user or a file, safe to print: no Rich markup, no terminal control sequences."""
+    return _escape_markup(CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
 
 
 @contextmanager
@@ -53,20 +61,20 @@ def sample_summary(s: dict[str, Any]) -> None:
 
 
 def kv_table(title: str, rows: dict[str, Any]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows.items():
-        table.add_row(k, str(v))
+        table.add_row(escape(k), escape(v))
     return table
 
 
 def columns(title: str, names: list[str], rows: list[list[str]], first_left: bool = False) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for i, name in enumerate(names):
-        table.add_column(name, justify="left" if first_left and i == 0 else "right")
+        table.add_column(escape(name), justify="left" if first_left and i == 0 else "right")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(escape(c) for c in r))
     return table
 
 
@@ -150,7 +158,7 @@ def bench_result(result: dict[str, Any]) -> None:
     else:
         bench_point(result)
     if result.get("plot"):
-        out.print(f"plot: {result['plot']}", highlight=False)
+        out.print(f"plot: {escape(result['plot'])}", highlight=False)
 
 
 def bench_point(result: dict[str, Any]) -> None:
@@ -178,7 +186,7 @@ def bench_point(result: dict[str, Any]) -> None:
         highlight=False,
     )
     if result.get("note"):
-        out.print(result["note"], style="dim")
+        out.print(escape(result["note"]), style="dim")
     if "breakdown" in result:
         bench_breakdown(result["breakdown"])
     if "by_scale" in result:
@@ -228,7 +236,7 @@ def bench_sweep(points: list[dict[str, Any]]) -> None:
     out.print(columns("measured vs ideal speedup", names, body))
     for p in points:
         if "breakdown" in p or "by_scale" in p:
-            out.print(f"{p['arch']}, batch {p['batch_size']}:", style="bold")
+            out.print(f"{escape(p['arch'])}, batch {p['batch_size']}:", style="bold")
         if "breakdown" in p:
             bench_breakdown(p["breakdown"])
         if "by_scale" in p:
@@ -285,7 +293,7 @@ def eval_results(results: dict[str, Any]) -> None:
             for r in results["per_scale"]
         ]
         out.print(columns("per scale (teacher forcing)", ["scale", "tokens", "sparse", "token agreement", "KL"], body))
-    out.print(f"results: {results['eval_json']}", highlight=False)
+    out.print(f"results: {escape(results['eval_json'])}", highlight=False)
 
 
 def distill_summary(summary: dict[str, Any], title: str) -> None:
@@ -311,7 +319,8 @@ def demo_summary(summary: dict[str, Any]) -> None:
     )
     out.print(
         f"FLOPs saved {summary['flops_savings']:.1%}; measured speedup {summary['measured_speedup']:.2f}x "
-        f"(ideal {summary['ideal_speedup']:.2f}x)\nmodel: {summary['model']}\npicture: {summary['compare']}",
+        f"(ideal {summary['ideal_speedup']:.2f}x)\nmodel: {escape(summary['model'])}\n"
+        f"picture: {escape(summary['compare'])}",
         highlight=False,
     )
 
@@ -334,4 +343,4 @@ def compare_table(result: dict[str, Any]) -> None:
     title = f"methods on {result['base']} ({result['device']}, {result['dtype']}, batch {result['batch_size']})"
     out.print(columns(title, names, body, first_left=True))
     if result.get("plot"):
-        out.print(f"plot: {result['plot']}", highlight=False)
+        out.print(f"plot: {escape(result['plot'])}", highlight=False)

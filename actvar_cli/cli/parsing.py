@@ -1,6 +1,6 @@
 """Command-line values (lists, ranges, KEY=VALUE pairs) parsed into what the library takes.
 
-Only ``cli.py`` imports this module. A value that cannot be parsed is a ``ConfigError``: one
+Only the CLI imports this module. A value that cannot be parsed is a ``ConfigError``: one
 line, exit code 2.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

@@ -1,16 +1,36 @@
-"""What ``actvar inspect`` reports about a checkpoint."""
+"""``actvar inspect``: what a checkpoint is (kind, inferred config, parameters, dtype, hash)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .checkpoint import read_checkpoint, sha256_file, user_metadata
+from ..checkpoint import read_checkpoint, user_metadata
+from ..files import sha256_file
+from .loading import resolve
+from .result import Result
 
 BUFFER_SUFFIXES = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "ema_vocab_hit_SV")
 
 
-def inspect_checkpoint(source: str, num_heads: int | None = None, with_hash: bool = True) -> dict[str, Any]:
-    sd, info = read_checkpoint(source, num_heads)
+@dataclass
+class InspectRequest:
+    checkpoint: str
+    num_heads: int | None = None
+    with_hash: bool = True
+
+
+@dataclass
+class InspectResult(Result):
+    report: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.report
+
+
+def run(req: InspectRequest) -> InspectResult:
+    source = resolve(req.checkpoint)
+    sd, info = read_checkpoint(source, req.num_heads)
     params = sum(t.numel() for k, t in sd.items() if not k.endswith(BUFFER_SUFFIXES))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values() if t.is_floating_point()})
     report: dict[str, Any] = {
@@ -22,7 +42,7 @@ def inspect_checkpoint(source: str, num_heads: int | None = None, with_hash: boo
         "tensors": len(sd),
         "dtype": ",".join(dtypes),
     }
-    if with_hash and info.format != "builtin":
+    if req.with_hash and info.format != "builtin":
         report["sha256"] = sha256_file(source)
     if info.var_config is not None:
         report["config"] = info.var_config.to_dict()
@@ -34,4 +54,4 @@ def inspect_checkpoint(source: str, num_heads: int | None = None, with_hash: boo
     meta = user_metadata(info.metadata)
     if meta:
         report["metadata"] = meta
-    return report
+    return InspectResult(report)

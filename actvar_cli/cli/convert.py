@@ -1,0 +1,57 @@
+"""``actvar moefy``: a dense VAR becomes a cheaper model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .app import app, execute, handled, show
+from .options import Config, Device, Json, NumHeads, Scales, TokenRate, TokenRates, Vae, WeightRate
+from .parsing import policy_flags, request
+from .render import err, kv_table, out
+
+
+@app.command()
+def moefy(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="The dense VAR: a file, an official name in the cache, or tiny."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the ActVAR model (.safetensors)."),
+    experts: int | None = typer.Option(None, "--experts", help="Experts per FFN [recipe: 16]."),
+    split: str | None = typer.Option(None, help="cluster | contiguous | coactivation [recipe: cluster]."),
+    scales: Scales = None,
+    token_rate: TokenRate = None,
+    token_rates: TokenRates = None,
+    weight_rate: WeightRate = None,
+    vae: Vae = None,
+    calib_images: int | None = typer.Option(None, help="Self-generated images to fit router/selector [8]; 0: weights."),
+    config: Config = None,
+    seed: int = typer.Option(0, help="Seed of calibration and clustering."),
+    method: str | None = typer.Option(None, help="Another method's model: fixed-tokens:0.75, static-experts:0.75."),
+    device: Device = "auto",
+    num_heads: NumHeads = None,
+    as_json: Json = False,
+) -> None:
+    """Convert a dense VAR into an ActVAR model: FFN experts, routers and token selectors.
+
+    Without `--config` the recipe named for the model is used (`tiny`, `d16` …).
+
+    Examples: `actvar moefy var_d16.pth --experts 16 -o actvar-d16.safetensors --vae vae_ch160v4096z32.pth` ·
+    `actvar moefy tiny -o tiny-actvar.safetensors --token-rates 0.5,0.75 --weight-rate 0.5`
+    """
+    from ..commands import moefy as cmd
+
+    with handled():
+        flags = policy_flags(scales, token_rate, token_rates, weight_rate)
+        req = request(cmd.MoefyRequest, ctx.params, source=checkpoint, policy_flags=flags)
+        result = execute(cmd.run, req, transient=True)
+
+    def table(summary: dict) -> None:
+        if summary["router_init"] == "weight-statistics":
+            err.print(
+                "[yellow]note:[/] no VAE for calibration: router and selector start from weight statistics "
+                "(pass --vae to fit them on self-generated tokens)"
+            )
+        out.print(kv_table(f"ActVAR model written to {output}", {k: v for k, v in summary.items() if k != "output"}))
+
+    show(result, as_json, table)
