@@ -8,10 +8,10 @@ Usage: python scripts/bench_aa.py [ARCH] [BATCH] [REPEATS]
 import copy
 import sys
 
-from actvar_cli.bench import bench
 from actvar_cli.commands.bench import random_pair
-from actvar_cli.policy import SparsityPolicy
+from actvar_cli.measure.timing import bench
 from actvar_cli.runtime import CPU
+from actvar_cli.sparsity.policy import SparsityPolicy
 
 arch = sys.argv[1] if len(sys.argv) > 1 else "d16"
 batch, repeats = (int(a) for a in (sys.argv[2:4] if len(sys.argv) > 3 else (1, 5)))

@@ -78,7 +78,7 @@ def breakdown(r: dict) -> None:
 
 def plot(points: list[dict], path: str, which: str) -> None:
     """The per-scale picture of the points named ``arch:batch,...`` (docs/benchmarks-scales.png)."""
-    from actvar_cli.plots import scale_plot
+    from actvar_cli.measure.plots import scale_plot
 
     chosen = [(a, int(b)) for a, b in (w.split(":") for w in which.split(","))]
     by_key = {(p["arch"], p["batch_size"]): p for p in points if "by_scale" in p}

@@ -12,14 +12,16 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from actvar_cli.bench import load_pair
-from actvar_cli.model import LayerCache
-from actvar_cli.sampling import SamplingOptions, generate, image_generators
-from actvar_cli.sparse import GenerationState
+from actvar_cli.commands.bench import random_pair
+from actvar_cli.generation.sampling import SamplingOptions, generate, image_generators
+from actvar_cli.models.var import LayerCache
+from actvar_cli.runtime import CPU
+from actvar_cli.sparsity.blocks import GenerationState
 
 arch = sys.argv[1] if len(sys.argv) > 1 else "tiny"
 batch, scale = (int(a) for a in (sys.argv[2:4] if len(sys.argv) > 3 else (8, 7)))
-dense, sparse, vae, _ = load_pair(None, None, arch, None)
+pair = random_pair(arch, None, CPU)
+dense, sparse, vae = pair.dense, pair.sparse, pair.vae
 labels = torch.arange(batch) % dense.num_classes
 si = scale - 1
 
@@ -28,10 +30,10 @@ def capture(model, policy) -> dict:
     """The arguments the step at scale ``si`` received during one generation."""
     got, step = {}, model.generation_step
 
-    def spy(x, cond, s, cache, pol=None, state=None):
+    def spy(x, cond, s, cache, **kw):
         if s == si:
             got.update(x=x.clone(), cond=cond.clone(), kv=[(c.k, c.v) for c in cache])
-        return step(x, cond, s, cache, pol, state)
+        return step(x, cond, s, cache, **kw)
 
     model.generation_step = spy
     generate(model, vae, labels, SamplingOptions(), rng=image_generators(0, range(batch), "cpu"), policy=policy)
@@ -43,7 +45,7 @@ def run_step(model, policy, got) -> None:
     cache = [LayerCache() for _ in got["kv"]]
     for c, (k, v) in zip(cache, got["kv"]):
         c.k, c.v = k, v  # append makes new tensors: the captured ones stay as they were
-    model.generation_step(got["x"], got["cond"], si, cache, policy, GenerationState())
+    model.generation_step(got["x"], got["cond"], si, cache, policy=policy, state=GenerationState())
 
 
 models = {"dense": (dense, None), "ActVAR": (sparse, sparse.policy)}

@@ -5,7 +5,8 @@ Usage: python scripts/shapes_grid.py [OUT]
 
 import sys
 
-from actvar_cli import images, shapes
+from actvar_cli.generation import images
+from actvar_cli.reference import shapes
 
 out = sys.argv[1] if len(sys.argv) > 1 else "docs/shapes.png"
 rows = [shapes.images("test", range(c * 10, c * 10 + 10), labels=[c] * 10)[0] for c in range(shapes.NUM_CLASSES)]

@@ -64,7 +64,7 @@ def d2():
     """(VAR, VQVAE) of the parity fixture."""
     if not PARITY.exists():
         pytest.skip("parity fixture missing")
-    from actvar_cli.checkpoint import load_vae, load_var
+    from actvar_cli.models.checkpoint import load_vae, load_var
 
     var, _ = load_var(PARITY / "var_d2.pth")
     vae, _ = load_vae(PARITY / "vae_ch32v4096z32.pth", var.cfg.patch_nums)
@@ -73,7 +73,7 @@ def d2():
 
 @pytest.fixture(scope="session")
 def tiny():
-    from actvar_cli.checkpoint import load_vae, load_var
+    from actvar_cli.models.checkpoint import load_vae, load_var
 
     var, _ = load_var("tiny")
     vae, _ = load_vae("tiny", var.cfg.patch_nums)
@@ -116,6 +116,6 @@ def tiny_actvar(tmp_path_factory):
 def distil(model, on_event=None, **job):
     """One distillation stage of ``model`` (a path or name) through the library, as the command runs it."""
     from actvar_cli.commands.distill import load_training_models
-    from actvar_cli.distill import DistillJob, run_distillation
+    from actvar_cli.train.distill import DistillJob, run_distillation
 
     return run_distillation(DistillJob(**job), load_training_models(str(model)), on_event)

@@ -43,7 +43,7 @@ def sample(
     `actvar sample var_d16.pth --vae vae_ch160v4096z32.pth --classes 0-999 --num-per-class 50 --out fid/ --npz`
     """
     from ..commands import sample as cmd
-    from ..sampling import SamplingOptions
+    from ..generation.sampling import SamplingOptions
     from .render import sample_summary
 
     with handled():

@@ -36,7 +36,7 @@ def flops(
     token_rate: TokenRate = None,
     token_rates: TokenRates = None,
     weight_rate: WeightRate = None,
-    method: str | None = typer.Option(None, help="Another method's policy, e.g. fastvar:0.5 (docs/methods.md)."),
+    method: str | None = typer.Option(None, help="Another method's policy, e.g. fastvar:0.5 (docs/other-methods.md)."),
     paper_table: bool = typer.Option(False, "--paper-table", help="Our savings beside the paper's, for its settings."),
     as_json: Json = False,
 ) -> None:
@@ -126,7 +126,7 @@ def eval_(
     `accelerate launch --multi_gpu --num_processes 8 -m actvar_cli eval ... --fid --ref ...` (sharded sampling)
     """
     from ..commands import evaluate as cmd
-    from ..sampling import SamplingOptions
+    from ..generation.sampling import SamplingOptions
 
     with handled():
         opts = SamplingOptions(cfg=cfg, top_k=top_k, top_p=top_p)
@@ -160,13 +160,13 @@ def compare(
     """Every way to make a VAR cheaper on one yardstick: FLOPs, measured speed, agreement, quality.
 
     Methods: dense, actvar[:PATH], actvar-tokens, actvar-experts, static-experts[:rate], fixed-tokens[:rate],
-    fastvar[:ratio], dmoe[:tau], skip-last[:N], cfg-off[:N], ear[:rate] (docs/methods.md).
+    fastvar[:ratio], dmoe[:tau], skip-last[:N], cfg-off[:N], ear[:rate] (docs/other-methods.md).
 
     Example: `actvar compare tiny --methods fastvar,dmoe,skip-last,static-experts,fixed-tokens --ref shapes
     --num 64 --json --plot p.png`
     """
     from ..commands import compare as cmd
-    from ..compare import CompareSettings
+    from ..measure.compare import CompareSettings
 
     with handled():
         settings = CompareSettings(

@@ -18,15 +18,20 @@ DISTILL_LOSS = {
 TRAINS = {1: "the routers and selectors", 2: "the experts, attention and head"}
 
 
-def _distill(stage: int, *, flags: dict, set_pairs: list[str], options: dict, as_json: bool) -> None:
-    """Both stages' commands: recipe keys from the ``--set`` pairs, then the flags given over them."""
+RECIPE_FLAGS = ("global_batch", "weight_decay", "alpha", "beta", "checkpoint_every", "seed", "precision")
+
+
+def _distill(stage: int, args: dict) -> None:
+    """Both stages' commands. Recipe keys come from the ``--set`` pairs, then the flags given over them."""
     from ..commands import distill as cmd
 
+    as_json = args.pop("as_json")
     with handled():
-        settings = {**parse_set(set_pairs), **{k: v for k, v in flags.items() if v is not None}}
-        req = cmd.DistillRequest(stage, settings=settings, **options)
+        flags = {k: args.pop(k) for k in RECIPE_FLAGS} | {f"stage{stage}_lr": args.pop("lr")}
+        settings = {**parse_set(args.pop("set_")), **{k: v for k, v in flags.items() if v is not None}}
+        req = cmd.DistillRequest(stage, settings=settings, **args)
         result = execute(cmd.run, req)
-    out_dir = Path(options["out_dir"])
+    out_dir = Path(args["out_dir"])
     show(result, as_json, lambda s: distill_summary(s, f"stage {stage} done: {out_dir / 'model.safetensors'}"))
 
 
@@ -60,32 +65,7 @@ def _register(stage: int) -> None:
         device: str = typer.Option("auto", help="auto or cpu."),
         as_json: Json = False,
     ) -> None:
-        flags = {
-            f"stage{stage}_lr": lr,
-            "global_batch": global_batch,
-            "weight_decay": weight_decay,
-            "alpha": alpha,
-            "beta": beta,
-            "checkpoint_every": checkpoint_every,
-            "seed": seed,
-            "precision": precision,
-        }
-        options = dict(
-            model=model,
-            out_dir=out_dir,
-            config=config,
-            vae=vae,
-            teacher=teacher,
-            data=data,
-            cache_tokens=cache_tokens,
-            batch_size=batch_size,
-            epochs=epochs,
-            max_steps=max_steps,
-            resume=resume,
-            overwrite=overwrite,
-            device=device,
-        )
-        _distill(stage, flags=flags, set_pairs=set_, options=options, as_json=as_json)
+        _distill(stage, {k: v for k, v in locals().items() if k != "stage"})
 
     command.__doc__ = (
         f"Distillation stage {stage}: train {TRAINS[stage]}, everything else frozen.\n\n{DISTILL_LOSS[stage]}\n\n"

@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bench import bench, breakdown
-from ..checkpoint import load_vae
-from ..config import BUILTIN_NAME, VAEConfig, arch_config
-from ..conversion import MoefyOptions, moefy
+from ..convert.moefy import MoefyOptions, moefy
 from ..errors import ConfigError
-from ..method_specs import last
-from ..plots import scale_plot
-from ..policy import SparsityPolicy
+from ..generation.sampling import compile_steps
+from ..measure.plots import scale_plot
+from ..measure.timing import bench, breakdown
+from ..models.checkpoint import load_vae
+from ..models.config import BUILTIN_NAME, VAEConfig, arch_config
+from ..models.random_weights import random_vae, random_var
 from ..progress import Progress
-from ..random_weights import random_vae, random_var
 from ..runtime import Runtime
-from ..sampling import compile_steps
+from ..sparsity.methods import last
+from ..sparsity.policy import SparsityPolicy
 from .loading import load_models, resolve, vae_for
 from .result import Result
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compare import CompareSettings, measure_methods
+from ..convert.method_models import MethodBuilder
 from ..errors import ConfigError
-from ..method_specs import method_policy, parse_method
-from ..methods import MethodBuilder
-from ..plots import compare_plot
+from ..measure.compare import CompareSettings, measure_methods
+from ..measure.plots import compare_plot
 from ..progress import Progress
 from ..runtime import Runtime
+from ..sparsity.methods import method_policy, parse_method
 from .loading import check_made_from, load_models
 from .result import Result
 

@@ -14,18 +14,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import images, shapes
-from ..agreement import teacher_agreement
-from ..bench import bench
-from ..checkpoint import load_var
-from ..config import BUILTIN_NAME
 from ..errors import ConfigError, OutputError
-from ..fidelity import ArraySet, fidelity
 from ..files import atomic_write_text
-from ..flops import count_flops
+from ..generation import images
+from ..generation.jobs import generate_images
+from ..measure.agreement import teacher_agreement
+from ..measure.fidelity import ArraySet, fidelity
+from ..measure.timing import bench
+from ..models.checkpoint import load_var
+from ..models.config import BUILTIN_NAME
 from ..progress import Progress
+from ..reference import shapes
 from ..runtime import CPU
-from ..sample_job import generate_images
+from ..sparsity.flops import count_flops
 from . import distill, moefy
 from .loading import load_models
 from .result import Result

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..distill import DistillJob, Models, StepDone, run_distillation
 from ..files import check_not_input
 from ..progress import Progress
-from ..recipes import Recipe, pick_recipe
 from ..runtime import use_cuda
+from ..train.distill import DistillJob, Models, StepDone, run_distillation
+from ..train.recipes import Recipe, pick_recipe
 from .loading import AUTO, Loaded, load_models, resolve
 from .result import Result
 

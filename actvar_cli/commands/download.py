@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hub import download, parse_target
+from ..hub.download import download, parse_target
 from .result import Result
 
 

@@ -16,16 +16,16 @@ from typing import Any
 
 from accelerate import PartialState
 
-from ..agreement import teacher_agreement
 from ..errors import ConfigError
-from ..fidelity import SHAPES_REF, check_reference, fidelity, yardstick_for
 from ..files import atomic_write_text
-from ..flops import count_flops
-from ..policy import SparsityPolicy
+from ..generation.jobs import SampleJob, finish_outputs, job_record, prepare_out_dir, run_sample_job
+from ..generation.sampling import SamplingOptions, compile_steps
+from ..measure.agreement import teacher_agreement
+from ..measure.fidelity import SHAPES_REF, check_reference, fidelity, yardstick_for
 from ..progress import Progress
 from ..runtime import Runtime, pick_device, use_cuda
-from ..sample_job import SampleJob, finish_outputs, job_record, prepare_out_dir, run_sample_job
-from ..sampling import SamplingOptions, compile_steps
+from ..sparsity.flops import count_flops
+from ..sparsity.policy import SparsityPolicy
 from .loading import Loaded, load_models
 from .result import Result
 
@@ -105,7 +105,7 @@ def run(req: EvalRequest, progress: Progress | None = None) -> EvalResult | None
     results: dict[str, Any] = {"model": loaded.info.name, "kind": loaded.info.kind, "policy": policy.to_dict()}
     results["flops"] = {"dense_flops": flops.dense_flops, "sparse_flops": flops.sparse_flops, "savings": flops.savings}
     if req.scores_images:
-        results.update(_fidelity_part(req, loaded, out, policy, state, runtime, progress))
+        results.update(_fidelity_part(req, loaded, out, policy=policy, state=state, runtime=runtime, progress=progress))
     if loaded.teacher is not None and state.is_main_process:
         results["teacher"] = loaded.teacher_source
         results.update(
@@ -140,7 +140,7 @@ def sample_job_for(req: EvalRequest, num_classes: int) -> SampleJob:
     return sample_job
 
 
-def _fidelity_part(req: EvalRequest, loaded: Loaded, out: Path, policy, state, runtime: Runtime, progress):
+def _fidelity_part(req: EvalRequest, loaded: Loaded, out: Path, *, policy, state, runtime: Runtime, progress):
     """Sample (sharded over processes) into ``out/samples``, then score on the main process."""
     sample_job = sample_job_for(req, loaded.model.num_classes)
     samples = out / "samples"

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint import read_checkpoint
-from ..config import arch_config, check_expert_count, official_var_config
 from ..errors import ConfigError
-from ..flops import FlopsReport, count_flops, paper_eq12_savings
-from ..method_specs import method_policy, parse_method
-from ..policy import SparsityPolicy
-from ..recipes import Recipe, with_policy_flags
+from ..models.checkpoint import read_checkpoint
+from ..models.config import arch_config, check_expert_count, official_var_config
+from ..sparsity.flops import FlopsReport, count_flops, paper_eq12_savings
+from ..sparsity.methods import method_policy, parse_method
+from ..sparsity.policy import SparsityPolicy
+from ..train.recipes import Recipe, with_policy_flags
 from .loading import resolve
 from .result import Result
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import read_checkpoint, user_metadata
 from ..files import sha256_file
+from ..models.checkpoint import read_checkpoint, user_metadata
 from .loading import resolve
 from .result import Result
 

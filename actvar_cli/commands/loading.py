@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import (
+from ..errors import ActvarError, CheckpointError, ConfigError
+from ..hub.names import resolve_local
+from ..models.checkpoint import (
     CheckpointInfo,
     build_var_from_state_dict,
     check_pair,
@@ -22,12 +24,10 @@ from ..checkpoint import (
     require_var,
     source_id,
 )
-from ..config import BUILTIN_NAME
-from ..errors import ActvarError, CheckpointError, ConfigError
-from ..hub import resolve_local
-from ..model import VAR
+from ..models.config import BUILTIN_NAME
+from ..models.var import VAR
+from ..models.vqvae import VQVAE
 from ..runtime import CPU, Runtime
-from ..vqvae import VQVAE
 
 AUTO = "auto"  # --teacher auto: the base checkpoint the model records
 

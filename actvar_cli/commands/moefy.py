@@ -12,18 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import save_model
-from ..config import BUILTIN_NAME
-from ..conversion import MoefyOptions, MoefyReport, moefy
+from ..convert.method_models import CONVERTED, MethodBuilder
+from ..convert.moefy import MoefyOptions, MoefyReport, moefy
 from ..errors import ActvarError, ConfigError
 from ..files import check_output_file, sha256_file
-from ..method_specs import parse_method
-from ..methods import CONVERTED, MethodBuilder
-from ..model import VAR
+from ..models.checkpoint import save_model
+from ..models.config import BUILTIN_NAME
+from ..models.var import VAR
+from ..models.vqvae import VQVAE
 from ..progress import Progress
-from ..recipes import pick_recipe, with_policy_flags
 from ..runtime import Runtime
-from ..vqvae import VQVAE
+from ..sparsity.methods import parse_method
+from ..train.recipes import pick_recipe, with_policy_flags
 from .loading import Loaded, find_vae, load_models, resolve, vae_for
 from .result import Result
 
@@ -43,7 +43,7 @@ class MoefyRequest:
     seed: int = 0
     device: str = "auto"
     num_heads: int | None = None
-    method: str | None = None  # another method's model (docs/methods.md)
+    method: str | None = None  # another method's model (docs/other-methods.md)
 
 
 @dataclass

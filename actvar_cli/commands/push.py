@@ -6,10 +6,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import read_checkpoint
 from ..errors import ConfigError
-from ..hub import parse_target
-from ..publish import find_eval_json, upload_folder, write_push_folder
+from ..hub.download import parse_target
+from ..hub.publish import find_eval_json, upload_folder, write_push_folder
+from ..models.checkpoint import read_checkpoint
 from .result import Result
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_safetensors
-from ..config import VAEConfig, arch_config
 from ..files import atomic_write_with, check_output_file
-from ..model import VAR
-from ..random_weights import random_state_dict
-from ..vqvae import VQVAE
+from ..models.checkpoint import save_safetensors
+from ..models.config import VAEConfig, arch_config
+from ..models.random_weights import random_state_dict
+from ..models.var import VAR
+from ..models.vqvae import VQVAE
 from .result import Result
 
 

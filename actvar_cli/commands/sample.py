@@ -5,17 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..generation.jobs import SampleJob, default_classes, finish_outputs, job_record, prepare_out_dir, run_sample_job
+from ..generation.sampling import SamplingOptions, compile_steps
 from ..progress import Progress
 from ..runtime import Runtime
-from ..sample_job import (
-    SampleJob,
-    default_classes,
-    finish_outputs,
-    job_record,
-    prepare_out_dir,
-    run_sample_job,
-)
-from ..sampling import SamplingOptions, compile_steps
 from .loading import load_models
 from .result import Result
 

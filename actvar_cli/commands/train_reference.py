@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import Progress
-from ..reference import install_weights, train_reference
+from ..reference.training import install_weights, train_reference
 from .result import Result
 
 

@@ -1,0 +1,1 @@
+"""Turning a dense VAR into a sparse one: experts, fitted routers and selectors, other methods' models."""

@@ -1,0 +1,1 @@
+"""Generating images: next-scale sampling, resumable sampling jobs, and image files."""

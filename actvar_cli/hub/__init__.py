@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: fetching weights, naming downloaded models, and publishing ours."""

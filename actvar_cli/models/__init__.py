@@ -1,0 +1,1 @@
+"""Model architectures with upstream's state-dict names, their configurations, and checkpoint files."""

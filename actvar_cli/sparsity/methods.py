@@ -1,0 +1,93 @@
+"""Method names, their parameters, and the policy each method runs with (no model needed).
+
+``compare`` and ``moefy --method`` build the methods' models (``methods.py``); ``flops --method``
+needs only their policies.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .policy import SparsityPolicy
+
+# family -> (default parameter, what it is)
+FAMILIES: dict[str, tuple[str | None, str]] = {
+    "dense": (None, "the dense model: the reference row"),
+    "actvar": (None, "ActVAR: a model file (actvar:PATH), or the base converted without training"),
+    "actvar-tokens": (None, "ActVAR without dynamic weights (Table 3): adaptive tokens only"),
+    "actvar-experts": (None, "ActVAR without adaptive tokens (Table 3): dynamic experts only"),
+    "static-experts": ("0.75", "static weight pruning (Table 5): the same experts for every token"),
+    "fixed-tokens": ("0.75", "fixed token pruning (Table 4): positions chosen once, at the first sparse scale"),
+    "fastvar": ("0.5", "FastVAR: cached token pruning at the last two scales (pruning ratio)"),
+    "dmoe": ("0.9", "DMoE-VAR / D2DMoE: dynamic-k experts by predicted norm, last three scales (tau)"),
+    "skip-last": ("1", "stop before the last N scales and decode what is there"),
+    "cfg-off": ("2", "no classifier-free guidance at the last N scales"),
+    "ear": ("0.75", "EAR's centre-outward order as a fixed token priority at the last two scales (rate)"),
+}
+DMOE_RAMP = (0.5, 0.75, 1.0)  # tau_s over the last three scales, growing with resolution
+
+
+def parse_method(spec: str) -> tuple[str, str | None]:
+    family, sep, arg = spec.strip().partition(":")
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown method {family!r}", f"use one of {', '.join(FAMILIES)}")
+    if sep and not arg:
+        raise ConfigError(f"method {spec!r} has an empty parameter", f"e.g. {family}:{FAMILIES[family][0] or 'PATH'}")
+    return family, arg or FAMILIES[family][0]
+
+
+def _fractions(family: str, arg: str, n: int, low: float = 0.0) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in arg.split(","))
+    except ValueError:
+        raise ConfigError(f"{family}:{arg}: the parameter is not a number (or one per scale)") from None
+    if len(values) not in (1, n) or not all(low < v <= 1 for v in values):
+        interval = "[0, 1]" if low < 0 else f"({low:g}, 1]"
+        raise ConfigError(f"{family}:{arg}: give one value in {interval}, or one per scale ({n})")
+    return values
+
+
+def _count(family: str, arg: str, most: int) -> int:
+    if not arg.isdigit() or not 0 <= int(arg) < most:
+        raise ConfigError(f"{family}:{arg}: give a number of scales from 0 (none) to {most - 1}")
+    return int(arg)
+
+
+def last(num_scales: int, n: int) -> tuple[int, ...]:
+    return tuple(range(num_scales - n + 1, num_scales + 1))
+
+
+def method_policy(family: str, arg: str | None, S: int, actvar_policy: SparsityPolicy | None = None):
+    """The policy a method runs with on a model of S scales (no model needed)."""
+    two, three = last(S, 2), last(S, 3)
+    if family.startswith("actvar"):
+        p = actvar_policy or SparsityPolicy(scales=two)
+        if family == "actvar-tokens":
+            return SparsityPolicy(scales=p.scales, token_rates=p.token_rates, weight_rates=(1.0,))
+        if family == "actvar-experts":
+            return SparsityPolicy(scales=p.scales, token_rates=(1.0,), weight_rates=p.weight_rates)
+        return p
+    if family == "static-experts":
+        return SparsityPolicy(scales=two, token_rates=(1.0,), weight_rates=_fractions(family, arg, 2))
+    if family == "fixed-tokens":
+        return SparsityPolicy(
+            scales=two, token_rates=_fractions(family, arg, 2), weight_rates=(1.0,), token_rule="fixed"
+        )
+    if family == "fastvar":
+        rates = tuple(1 - r for r in _fractions(family, arg, 2, low=-1e-9))
+        if not all(r > 0 for r in rates):
+            raise ConfigError(f"fastvar:{arg}: a pruning ratio below 1 keeps some tokens")
+        return SparsityPolicy(scales=two, token_rates=rates, weight_rates=(1.0,), token_rule="far-from-mean")
+    if family == "dmoe":
+        (tau,) = _fractions(family, arg, 1, low=-1e-9) if arg != "0" else (0.0,)
+        return SparsityPolicy(
+            scales=three,
+            token_rates=(1.0,),
+            weight_rates=(1.0,),
+            expert_rule="threshold",
+            thresholds=tuple(tau * r for r in DMOE_RAMP),
+        )
+    if family == "skip-last":
+        return SparsityPolicy(scales=(), token_rates=(), weight_rates=(), skip_last=_count(family, arg, S))
+    if family == "cfg-off":
+        return SparsityPolicy(scales=(), token_rates=(), weight_rates=(), guidance_off=_count(family, arg, S + 1))
+    return SparsityPolicy(scales=two, token_rates=_fractions(family, arg, 2), weight_rates=(1.0,), token_rule="centre")

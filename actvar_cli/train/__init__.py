@@ -1,0 +1,1 @@
+"""Two-stage distillation: the training loop, its losses, data, run folders and recipes."""

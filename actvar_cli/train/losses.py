@@ -1,0 +1,170 @@
+"""The paper's training losses (supplementary section 6), with the readings chosen where the
+text is ambiguous (docs/actvar.md explains each):
+
+* pseudo-labels (eqs. 13, 16): a softmax over the top-k scores, zero elsewhere. Distances
+  are divided by their mean over the candidates first, so the temperature is scale-free;
+* distillation (eqs. 14, 17): KL(target || prediction). The paper writes KL(p || sigma(A)),
+  applying the softmax twice and putting the prediction first, which is infinite wherever
+  the top-k target is zero;
+* load balancing (eqs. 15, 18): GShard/Switch form N * sum_e f_e * P_e (f: share of hard
+  assignments, P: mean probability), which is 1 when perfectly balanced;
+* stage 2 (eq. 22): L_cls + KL(student || teacher) + mean over blocks of MSE of hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..generation.sampling import SamplingOptions
+from ..measure.agreement import held_out_batches
+from ..models.var import VAR, TrainOutput
+from ..runtime import CPU, Runtime
+from ..sparsity.experts import expert_distances
+from ..sparsity.policy import SparseSegment
+from ..sparsity.tokens import topk_mask
+
+
+def cls_loss(logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> torch.Tensor:
+    """VAR's classification loss: cross-entropy averaged over every token."""
+    return F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]).float(), gt_BL.reshape(-1))
+
+
+def soft_topk(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(top-k(scores)) over the last dimension; 0 outside the top k."""
+    keep = topk_mask(scores, k)
+    return (scores / temperature).masked_fill(~keep, -torch.inf).softmax(-1)
+
+
+def kl_to_target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) summed over the last dimension, averaged over the rest."""
+    logp = logits.float().log_softmax(-1)
+    return (torch.xlogy(target, target) - target * logp).sum(-1).mean()
+
+
+def load_balance(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """N * sum_e f_e P_e over the last dimension (probs, keep: (..., N))."""
+    n = probs.shape[-1]
+    f = keep.reshape(-1, n).float().sum(0)
+    f = f / f.sum().clamp_min(1)
+    p = probs.reshape(-1, n).float().mean(0)
+    return n * (f * p).sum()
+
+
+@dataclass
+class PseudoLabels:
+    router: list[torch.Tensor]  # per segment: (B, n, N) target distribution over experts
+    selector: list[torch.Tensor]  # per segment: (B, n) target distribution over the scale's tokens
+
+
+@torch.no_grad()
+def pseudo_labels(
+    model: VAR, out: TrainOutput, segments: list[SparseSegment], temperature: float
+) -> list[PseudoLabels]:
+    """Per block: router targets (experts closest to the full FFN output) and selector
+    targets (tokens the full block moves most), from the teacher function each block holds."""
+    causal = model.attn_bias_for_masking == 0
+    labels = []
+    for block, aux in zip(model.blocks, out.aux):
+        x_in = aux.block_input.detach()
+        moved = (block(x_in, out.cond, causal) - x_in).float().square().mean(-1)  # B, L: how far the full block moves
+        router_t, selector_t = [], []
+        routed = [s for s in segments if s.keep_experts < block.ffn.num_experts]
+        for seg, h in zip(routed, aux.ffn_input):
+            B, n, C = h.shape
+            d = expert_distances(block.ffn, h.reshape(-1, C).float(), block.ffn.num_experts).to(h.device)
+            d = (d / d.mean(-1, keepdim=True).clamp_min(1e-12)).view(B, n, -1)
+            router_t.append(soft_topk(-d, seg.keep_experts, temperature))
+        for seg in (s for s in segments if s.keep_tokens < s.length):
+            m = moved[:, seg.start : seg.end]
+            selector_t.append(soft_topk(m / m.mean(-1, keepdim=True).clamp_min(1e-12), seg.keep_tokens, temperature))
+        labels.append(PseudoLabels(router_t, selector_t))
+    return labels
+
+
+def _mean(xs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(xs).mean() if xs else like.new_zeros(())
+
+
+def stage1_loss(
+    model: VAR,
+    out: TrainOutput,
+    gt_BL: torch.Tensor,
+    *,
+    segments: list[SparseSegment],
+    alpha: float,
+    beta: float,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supp. eq. 19: L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t)."""
+    l_cls = cls_loss(out.logits, gt_BL)
+    targets = pseudo_labels(model, out, segments, temperature)
+    dis_w, dis_t, bl_w, bl_t, agree_w, agree_t = [], [], [], [], [], []
+    for aux, tgt in zip(out.aux, targets):
+        dw = [kl_to_target(t, lg) for t, lg in zip(tgt.router, aux.router_logits)]
+        dt = [kl_to_target(t, lg) for t, lg in zip(tgt.selector, aux.selector_logits)]
+        bw = [load_balance(lg.softmax(-1), k) for lg, k in zip(aux.router_logits, aux.expert_keep)]
+        bt = [load_balance(lg.softmax(-1), k) for lg, k in zip(aux.selector_logits, aux.token_keep)]
+        dis_w.append(_mean(dw, l_cls))
+        dis_t.append(_mean(dt, l_cls))
+        bl_w.append(_mean(bw, l_cls))
+        bl_t.append(_mean(bt, l_cls))
+        agree_w += [_overlap(k, t) for k, t in zip(aux.expert_keep, tgt.router)]
+        agree_t += [_overlap(k, t) for k, t in zip(aux.token_keep, tgt.selector)]
+    per_block = alpha * (torch.stack(dis_w) + torch.stack(dis_t)) + beta * (torch.stack(bl_w) + torch.stack(bl_t))
+    loss = l_cls + per_block.sum()
+    terms = {  # detached tensors: read them once per step, not once per term (each read syncs a GPU)
+        "loss": loss,
+        "cls": l_cls,
+        "dis_w": torch.stack(dis_w).mean(),
+        "dis_t": torch.stack(dis_t).mean(),
+        "bl_w": torch.stack(bl_w).mean(),
+        "bl_t": torch.stack(bl_t).mean(),
+        "router_agreement": _mean(agree_w, l_cls),
+        "selector_agreement": _mean(agree_t, l_cls),
+    }
+    return loss, {k: v.detach().float() for k, v in terms.items()}
+
+
+def _overlap(keep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Share of the hard choices that are also in the target's top-k."""
+    return ((target > 0) & keep).sum() / keep.sum().clamp_min(1)
+
+
+def stage2_loss(
+    out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supp. eq. 22: L_cls + KL(p_student || p_teacher) + (1/D) sum_b MSE(student hidden, teacher hidden)."""
+    l_cls = cls_loss(out.logits, gt_BL)
+    logp_s = out.logits.float().log_softmax(-1)
+    logp_t = teacher.logits.float().log_softmax(-1)
+    l_f = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
+    l_b = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(out.hidden, teacher.hidden)]).mean()
+    loss = l_cls + l_f + l_b
+    agree = (out.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean()
+    terms = {"loss": loss, "cls": l_cls, "kl": l_f, "hidden_mse": l_b, "token_agreement": agree}
+    return loss, {k: v.detach().float() for k, v in terms.items()}
+
+
+@torch.no_grad()
+def routing_agreement(
+    student: VAR, teacher: VAR, vae, *, num: int = 16, batch_size: int = 8, seed: int = 0, runtime: Runtime = CPU
+) -> dict[str, float]:
+    """How often routers pick the experts, and selectors the tokens, that stage 1's pseudo-labels
+    name (on held-out teacher pyramids); with the distillation losses."""
+    segments = student.sparse_segments(student.policy)
+    sums: dict[str, float] = {}
+    count = 0
+    batches = held_out_batches(
+        teacher, vae, num=num, batch_size=batch_size, seed=seed, runtime=runtime, opts=SamplingOptions()
+    )
+    for _, labels, gen, x in batches:
+        with runtime.autocast():
+            out = student.forward_train(labels, x, student.policy, collect_aux=True)
+            _, terms = stage1_loss(student, out, torch.cat(gen.tokens, 1), segments=segments, alpha=0.0, beta=0.0)
+        for k in ("router_agreement", "selector_agreement", "dis_w", "dis_t"):
+            sums[k] = sums.get(k, 0.0) + float(terms[k]) * len(labels)
+        count += len(labels)
+    return {k: v / count for k, v in sums.items()}
