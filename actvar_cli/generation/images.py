@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..errors import DataError
 from ..files import atomic_path, atomic_write_bytes
@@ -51,7 +51,6 @@ def grid(images_NHWC: np.ndarray, nrow: int = 8, pad: int = 2) -> np.ndarray:
 def labelled_grid(rows: list[np.ndarray], row_names: list[str], col_names: list[str], scale: int = 3) -> np.ndarray:
     """Rows of images (each N x H x W x 3) side by side, enlarged ``scale`` times, with a name
     before each row and above each column."""
-    from PIL import ImageDraw
 
     h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
     left, top, pad = 8 + 7 * max(len(n) for n in row_names), 16, 2

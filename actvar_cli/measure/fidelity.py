@@ -25,8 +25,11 @@ import numpy as np
 import torch
 
 from ..errors import DataError, MetricsError
+from ..files import atomic_write_with
 from ..generation.images import IMAGE_SUFFIXES, load_png, read_npz_images
 from ..progress import Progress
+from ..reference import shapes
+from ..reference.classifier import register_with_fidelity, shipped_classifier_sha
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -100,12 +103,10 @@ class ShapesReference(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from ..reference import shapes
 
         return torch.from_numpy(shapes.render(shapes.label_of("test", i), shapes.image_rng("test", i))).permute(2, 0, 1)
 
     def fingerprint(self) -> str:
-        from ..reference import shapes
 
         return f"shapes-test-{self.n}-{shapes.IMAGE_SIZE}"
 
@@ -133,8 +134,6 @@ def check_reference(ref: str) -> None:
 
 def yardstick_for(ref: str, weights: str | None) -> Yardstick:
     if ref == SHAPES_REF:
-        from ..reference.classifier import register_with_fidelity, shipped_classifier_sha
-
         return Yardstick(register_with_fidelity(), None, "features", "logits", shipped_classifier_sha())
     path = inception_weights(weights)
     return Yardstick("inception-v3-compat", path, "2048", "logits_unbiased", Path(path).name if path else "download")
@@ -175,7 +174,6 @@ def cache_path(ref: str, images, ys: Yardstick) -> Path:
 
 def reference_features(ref: str, ys: Yardstick, device, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The reference's features, computed once and kept as an .npz of plain arrays."""
-    from ..files import atomic_write_with
 
     images = reference_set(ref)
     path = cache_path(ref, images, ys)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..files import atomic_write_with
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (lower is better on both)."""
@@ -32,8 +36,6 @@ def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..files import atomic_write_with
 
     key, label = ("fid", "FID (lower is better)") if ref and all("fid" in r for r in rows) else ("kl", "KL to dense")
     quality = [r[key] for r in rows]
@@ -83,9 +85,6 @@ def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ..files import atomic_write_with
 
     cols = min(2, len(points))
     rows_n = -(-len(points) // cols)

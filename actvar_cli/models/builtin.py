@@ -12,6 +12,7 @@ import functools
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .config import BUILTIN_NAME
@@ -33,7 +34,6 @@ def weights_path(kind: str) -> Path:
 
 @functools.lru_cache(maxsize=3)
 def _state_dict(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
 
     path = weights_path(kind)
     if not path.exists():

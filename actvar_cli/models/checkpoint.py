@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write_with, sha256_file
@@ -103,7 +105,6 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -320,7 +321,6 @@ def save_safetensors(
     tensors: Mapping[str, torch.Tensor], target: str | os.PathLike, metadata: Mapping[str, Any]
 ) -> None:
     """Write tensors with string metadata (non-strings are stored as JSON), atomically."""
-    from safetensors.torch import save_file
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -15,6 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CheckpointError
+from ..files import sha256_file
+from ..models.builtin import weights_path
+from ..models.checkpoint import read_state_dict
 from .shapes import IMAGE_SIZE, NUM_CLASSES
 
 FEATURE_DIM = 64
@@ -59,8 +63,6 @@ def uint8_to_input(img_B3HW: torch.Tensor) -> torch.Tensor:
 
 def load_classifier(source: str | os.PathLike):
     """The shapes classifier (the reference model's yardstick) from its safetensors file."""
-    from ..errors import CheckpointError
-    from ..models.checkpoint import read_state_dict
 
     sd, _, _ = read_state_dict(source)
     clf = ShapesClassifier()
@@ -73,21 +75,18 @@ def load_classifier(source: str | os.PathLike):
 
 @functools.lru_cache(maxsize=1)
 def shipped_classifier() -> ShapesClassifier:
-    from ..models.builtin import weights_path
 
     return load_classifier(weights_path("classifier"))
 
 
 def shipped_classifier_sha() -> str:
-    from ..files import sha256_file
-    from ..models.builtin import weights_path
 
     return sha256_file(weights_path("classifier"))
 
 
 def register_with_fidelity() -> str:
     """Register the shipped classifier as torch-fidelity's ``actvar-shapes`` extractor (once)."""
-    import torch_fidelity
+    import torch_fidelity  # imports torchvision: only where metrics are computed
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:

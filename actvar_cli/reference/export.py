@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 
+from ..generation.sampling import SamplingOptions, decode_images, generate, image_generators
 from ..models.builtin import WEIGHT_FILES
+from ..models.checkpoint import load_vae, load_var, save_safetensors
 from ..progress import Progress
 from . import shapes
-from .classifier import ShapesClassifier
+from .classifier import ShapesClassifier, load_classifier
 
 
 def export_weights(out: Path, var, vae, clf: ShapesClassifier) -> dict[str, Path]:
     """fp16 safetensors with the configuration in the metadata."""
-    from ..models.checkpoint import save_safetensors
 
     paths = {}
     for key, module, meta in (
@@ -43,9 +44,6 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(folder: Path, num: int, seed: int, progress: Progress | None = None) -> dict[str, Any]:
-    from ..generation.sampling import SamplingOptions, decode_images, generate, image_generators
-    from ..models.checkpoint import load_vae, load_var
-    from .classifier import load_classifier
 
     var, _ = load_var(folder / WEIGHT_FILES["var"])
     vae, _ = load_vae(folder / WEIGHT_FILES["vae"], var.cfg.patch_nums)

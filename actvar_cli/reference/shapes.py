@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import DataError
 
@@ -190,6 +191,5 @@ def images(stream: str, indices: Sequence[int], labels: Sequence[int] | None = N
 
 def to_model_input(imgs_NHWC: np.ndarray):
     """uint8 NHWC to float (N, 3, H, W) in [-1, 1], as the VQVAE reads images."""
-    import torch
 
     return torch.from_numpy(imgs_NHWC).permute(0, 3, 1, 2).float().div(127.5).sub(1)

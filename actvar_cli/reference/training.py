@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,13 +29,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from ..files import atomic_write_text, atomic_write_with
+from ..models.builtin import WEIGHT_FILES, WEIGHTS_DIR
+from ..models.checkpoint import save_safetensors
 from ..models.config import REFERENCE_VAE_CONFIG, REFERENCE_VAR_CONFIG
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from ..progress import Progress
 from . import shapes
 from .classifier import ShapesClassifier
+from .export import export_weights, measure, psnr_db
 
 # train-stream indices of each phase never overlap
 PHASE_OFFSET = {"vqvae": 0, "var": 50_000_000, "var_tail": 60_000_000}
@@ -107,8 +113,6 @@ class Checkpoints:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optims: dict[str, Any], log: list, seconds: float):
-        from ..files import atomic_write_text, atomic_write_with
-        from ..models.checkpoint import save_safetensors
 
         for name, m in modules.items():
             save_safetensors(m.state_dict(), self.dir / f"{name}.safetensors", {})
@@ -122,7 +126,6 @@ class Checkpoints:
 
     def load(self, modules: dict[str, torch.nn.Module], optims: dict[str, Any]) -> tuple[int, list, float]:
         """(step, log, seconds spent so far); (0, [], 0.0) when the phase has not started."""
-        from safetensors.torch import load_file
 
         state = self.dir / "state.json"
         if not state.exists():
@@ -197,7 +200,6 @@ def train_vqvae(out: Path, s: ReferenceSettings, progress: Progress | None) -> t
 @torch.no_grad()
 def held_out_check(vae: VQVAE, clf: ShapesClassifier, num: int = 64) -> dict[str, float]:
     """Reconstruction PSNR and classifier accuracy on the first test images (for the log)."""
-    from .export import psnr_db
 
     vae.eval(), clf.eval()
     imgs, labels = shapes.images("test", range(num))
@@ -308,7 +310,6 @@ def _var_phase(out: Path, phase: VarPhase, model: VAR, vae: VQVAE, *, s: Referen
 
 def train_reference(out_dir: str | Path, s: ReferenceSettings = ReferenceSettings(), progress: Progress | None = None):
     """Run (or resume) every phase; write fp16 weights and ``record.json`` to ``out_dir``; return the record."""
-    from .export import export_weights, measure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,9 +337,6 @@ def train_reference(out_dir: str | Path, s: ReferenceSettings = ReferenceSetting
 
 def install_weights(out_dir: str | Path) -> list[Path]:
     """Copy the exported weights and the training record into the package (they ship with it)."""
-    import shutil
-
-    from ..models.builtin import WEIGHT_FILES, WEIGHTS_DIR
 
     WEIGHTS_DIR.mkdir(exist_ok=True)
     copied = []

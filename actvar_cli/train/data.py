@@ -26,6 +26,7 @@ from ..generation.sampling import SamplingOptions, generate, image_seed
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from ..progress import Progress
+from ..reference import shapes
 
 CACHE_FORMAT = "actvar-token-cache"
 
@@ -99,7 +100,6 @@ class ShapesSource:
 
     @torch.no_grad()
     def batch(self, items: list[tuple[int, int]]) -> TokenBatch:
-        from ..reference import shapes
 
         ids = [self.FIRST + self.seed * 1_000_003 + epoch * self.n + k for epoch, k in items]
         imgs, labels = shapes.images("train", ids)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
 
 from .. import __version__
 from ..errors import ConfigError
@@ -205,7 +206,6 @@ logging.getLogger("accelerate.accelerator").addFilter(_QuietRotation())
 
 
 def _accelerator(job: DistillJob):
-    from accelerate import Accelerator, PartialState
 
     cuda = job.cuda and torch.cuda.is_available()
     state = PartialState(cpu=not cuda)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..errors import ConfigError
+from ..models.config import BUILTIN_NAME, arch_config, official_var_config
 from ..sparsity.policy import SparsityPolicy
 
 
 def _recipe_dir() -> Path:
     """The recipes shipped in the package (the repository's recipes/ folder, mapped by setuptools)."""
-    from importlib.resources import files
 
     return Path(str(files("actvar_cli.recipe_files")))
 
@@ -205,7 +206,6 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def recipe_for(cfg, name: str | None = None) -> Recipe:
     """The recipe named for a model: ``tiny``'s for the built-in model, ``actvar-dN.yaml`` for an
     official architecture, else the paper's settings on the last two scales of its layout."""
-    from ..models.config import BUILTIN_NAME, arch_config, official_var_config
 
     if cfg.replace(num_experts=0) == arch_config(BUILTIN_NAME):
         return load_recipe(BUILTIN_NAME)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..files import atomic_write_text, atomic_write_with
-from ..models.checkpoint import save_safetensors
+from ..models.checkpoint import read_state_dict, save_safetensors
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -112,7 +112,6 @@ class RunFolder:
 
     @staticmethod
     def _load(path: Path, model: torch.nn.Module, optimizer) -> None:
-        from ..models.checkpoint import read_state_dict
 
         sd, _, _ = read_state_dict(path / "model.safetensors")
         model.load_state_dict(sd, strict=True)
