@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import os
 import tempfile
@@ -17,28 +18,63 @@ from pathlib import Path
 
 from .errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (not on Windows)
+    fcntl = None
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it into place only on success."""
+    """Yield a temporary path beside ``target``; rename it into place only on success.
+
+    The temporary name carries the writer's process id, so that the next writer of the same target
+    removes what a killed writer left behind (and never what a live one is writing)."""
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=parent)
+        _remove_stale_partials(parent, target.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=PARTIAL, dir=parent)
         os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual mode
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
     except OSError as e:
-        raise OutputError(f"cannot write to {parent}: {e.strerror}", "choose a writable location") from e
+        raise OutputError(f"cannot write {target}: {e.strerror}", "choose a writable location") from e
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as e:  # a full disk, a file system that refuses the name, ...
+        raise OutputError(f"cannot write {target}: {e.strerror or e}", "check the disk space and the location") from e
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
+
+
+PARTIAL = ".partial"
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _remove_stale_partials(folder: Path, name: str) -> None:
+    """``.NAME.PID-XXXX.partial`` files whose writer is no longer alive."""
+    for p in folder.glob(f".{glob.escape(name)}.*{PARTIAL}"):
+        pid = p.name[len(name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
@@ -86,3 +122,43 @@ def check_not_input(output: Path, inputs: tuple[str | os.PathLike, ...]) -> None
     for src in inputs:
         if src and Path(src).exists() and output.exists() and output.samefile(src):
             raise OutputError(f"{output} is also an input of this command", "write the output to another file")
+
+
+class FolderLock:
+    """An OS-level lock on a folder, held while a command writes into it, so that two runs never
+    write the same folder at once. It dies with its process: a killed run leaves no stale lock."""
+
+    NAME = ".actvar.lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"{self.folder} is a file", "give a folder")
+        if fcntl is None:  # no flock (Windows): the folder goes unlocked
+            return self
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot write to {self.folder}: {e.strerror}", "choose a writable folder") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(
+                f"{self.folder} is in use by process {holder}", "wait for that run to end, or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

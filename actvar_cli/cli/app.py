@@ -52,14 +52,24 @@ def handled() -> Iterator[None]:
     """Typed library errors become one line on stderr and exit code 2."""
     try:
         yield
-    except ActvarError as e:
+    except (ActvarError, OSError, MemoryError) as e:
         if STATE["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {render.escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {render.escape(one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: outputs written so far are complete; run again to continue")
         raise typer.Exit(130) from None
+
+
+def one_line(e: BaseException) -> str:
+    """A typed error's own message; for what the operating system refused, what and where."""
+    if isinstance(e, ActvarError):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return "not enough memory for this run (ask for a smaller --batch-size or --num)"
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or e}{where} (check the path, the disk space and the permissions)"
 
 
 def execute(run: Callable[..., Any], request: Any, *, progress: bool = True, transient: bool = False) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, execute, handled, show
-from .options import Json, NumHeads
+from .options import Json, NumHeads, Overwrite
 from .render import escape, out
 
 
@@ -90,6 +90,7 @@ def push(
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Write the folder here instead of uploading."),
     eval_json: Path | None = typer.Option(None, "--eval", help="eval.json to show in the card [found next to MODEL]."),
     token: str | None = typer.Option(None, help="Hub token [HF_TOKEN or the saved login]."),
+    overwrite: Overwrite = False,
     as_json: Json = False,
 ) -> None:
     """Publish a model to the Hub: model.safetensors, config.json and a model card.
@@ -100,7 +101,9 @@ def push(
     from ..commands import push as cmd
 
     with handled():
-        req = cmd.PushRequest(model, repo, private=private, dry_run=dry_run, eval_json=eval_json, token=token)
+        req = cmd.PushRequest(
+            model, repo, private=private, dry_run=dry_run, eval_json=eval_json, token=token, overwrite=overwrite
+        )
         result = execute(cmd.run, req, progress=False)
 
     def table(r: dict) -> None:

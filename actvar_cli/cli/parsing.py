@@ -8,23 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from ..errors import ConfigError
+from ..train.recipes import load_yaml
+
+MAX_LIST = 100_000  # values a list option may expand to (ImageNet has 1,000 classes)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
-    """``0,7,42`` or ranges ``0-9``; an empty item is an error."""
+    """``0,7,42`` or ranges ``0-9``; an empty item is an error, and so is a list past ``MAX_LIST``."""
     values: list[int] = []
     try:
         for part in (p.strip() for p in text.split(",")):
             if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                if int(hi) < int(lo):
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
                     raise ValueError
-                values.extend(range(int(lo), int(hi) + 1))
+                if len(values) + hi - lo + 1 > MAX_LIST:
+                    raise ConfigError(f"{what} {text!r} names more than {MAX_LIST} values", "give a shorter list")
+                values.extend(range(lo, hi + 1))
             else:
                 values.append(int(part))
     except ValueError:
         raise ConfigError(f"{what} {text!r} is not a list of integers", "write e.g. 0,7,42 or 0-9") from None
+    if len(values) > MAX_LIST:
+        raise ConfigError(f"{what} names more than {MAX_LIST} values", "give a shorter list")
     return values
 
 
@@ -47,15 +56,13 @@ def policy_flags(scales: str | None, token_rate: float | None, token_rates: str 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
     """``--set key=value`` pairs, values read as YAML (numbers, lists, strings)."""
-    import yaml
-
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not KEY=VALUE", "e.g. --set teacher_top_k=600")
         try:
-            values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            values[key.strip().replace("-", "_")] = load_yaml(value)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
     return values

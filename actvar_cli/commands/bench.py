@@ -14,9 +14,10 @@ from typing import Any
 from ..convert.moefy import MoefyOptions, moefy
 from ..errors import ConfigError
 from ..generation.sampling import compile_steps
+from ..measure.memory import check_fits, generation_plan
 from ..measure.plots import scale_plot
 from ..measure.timing import bench, breakdown
-from ..models.checkpoint import load_vae
+from ..models.checkpoint import load_vae, read_checkpoint
 from ..models.config import BUILTIN_NAME, VAEConfig, arch_config
 from ..models.random_weights import random_vae, random_var
 from ..progress import Progress
@@ -91,6 +92,8 @@ def run(req: BenchRequest, progress: Progress | None = None) -> BenchResult:
     """One comparison, or a sweep over architectures and batch sizes."""
     req.validate()
     runtime = Runtime.pick(req.device, req.dtype)
+    for arch in req.archs or []:
+        check_batches_fit(arch_config(arch), req.batch_sizes, runtime)
     points = [(a, b) for a in (req.archs or [None]) for b in req.batch_sizes]
     single = len(points) == 1  # one point shows its runs' progress, a sweep its points'
     results = []
@@ -128,8 +131,18 @@ def _point(req: BenchRequest, pair: Pair, batch_size: int, runtime: Runtime, pro
     return result
 
 
+def check_batches_fit(cfg, batch_sizes: list[int], runtime: Runtime) -> None:
+    """Both models and the largest batch's generation must fit, before anything is built."""
+    plan = generation_plan(cfg, batch_size=max(batch_sizes), dtype=runtime.dtype)
+    plan.components["second_model"] = plan.components["weights"]
+    check_fits(plan, runtime.device, f"batch {max(batch_sizes)} of {cfg.depth}-block models")
+
+
 def _files(req: BenchRequest, runtime: Runtime) -> Pair:
     """The two checkpoints; the ActVAR one must have been made from the dense one."""
+    _, info = read_checkpoint(resolve(req.dense))
+    if info.var_config is not None:
+        check_batches_fit(info.var_config, req.batch_sizes, runtime)
     sparse = load_models(req.sparse, vae=False, teacher=req.dense, runtime=runtime, actvar=True)
     dense = sparse.teacher
     if req.vae is not None:

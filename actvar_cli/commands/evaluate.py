@@ -9,19 +9,21 @@ checked before the first image is sampled.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 
-from ..errors import ConfigError
-from ..files import atomic_write_text
-from ..generation.jobs import SampleJob, finish_outputs, job_record, prepare_out_dir, run_sample_job
+from ..errors import ConfigError, OutputError
+from ..files import FolderLock, atomic_write_text
+from ..generation.jobs import SampleJob, check_disk_space, claimed_folder, finish_outputs, job_record, run_sample_job
 from ..generation.sampling import SamplingOptions, compile_steps
 from ..measure.agreement import teacher_agreement
-from ..measure.fidelity import SHAPES_REF, check_reference, fidelity, yardstick_for
+from ..measure.fidelity import SHAPES_REF, check_cache_writable, check_reference, fidelity, yardstick_for
 from ..progress import Progress
 from ..runtime import Runtime, pick_device, use_cuda
 from ..sparsity.flops import count_flops
@@ -97,12 +99,42 @@ def run(req: EvalRequest, progress: Progress | None = None) -> EvalResult | None
     runtime = Runtime.pick(state.device if req.device == "auto" else pick_device(req.device), req.dtype)
     loaded = load_models(req.model, vae=req.vae, teacher=req.teacher, runtime=runtime)
     out = Path(req.out_dir or default_out_dir(req.model))
+    check_owner(out, loaded.model_id, req.overwrite)
+    if req.scores_images:
+        check_disk_space(out, sample_job_for(req, loaded.model.num_classes).total, 3 * loaded.model.cfg.image_size**2)
+        check_cache_writable()
+    with FolderLock(out) if state.is_main_process else contextlib.nullcontext():
+        return _evaluate(req, loaded, out, state=state, runtime=runtime, progress=progress)
+
+
+def check_owner(out: Path, model_id: str, overwrite: bool) -> None:
+    """An eval folder holds one model's evaluation: another model's is refused (or, with
+    ``--overwrite``, its samples are discarded)."""
+    old = out / "eval.json"
+    if not old.exists():
+        return
+    try:
+        recorded = json.loads(old.read_text()).get("model_id")
+    except (OSError, ValueError, AttributeError):
+        recorded = "unreadable"
+    if recorded == model_id:
+        return
+    if not overwrite:
+        raise OutputError(
+            f"{out} holds the evaluation of another model", "choose another --out, or pass --overwrite to replace it"
+        )
+    shutil.rmtree(out / "samples", ignore_errors=True)
+    old.unlink(missing_ok=True)
+
+
+def _evaluate(req: EvalRequest, loaded: Loaded, out: Path, *, state, runtime: Runtime, progress) -> EvalResult | None:
     model = loaded.model
     if req.compile:
         compile_steps(model)
     policy = SparsityPolicy.dense() if req.dense or model.policy is None else model.policy
     flops = count_flops(model.cfg.replace(num_experts=0), policy, model.cfg.num_experts or 16)
-    results: dict[str, Any] = {"model": loaded.info.name, "kind": loaded.info.kind, "policy": policy.to_dict()}
+    results: dict[str, Any] = {"model": loaded.info.name, "model_id": loaded.model_id, "kind": loaded.info.kind}
+    results["policy"] = policy.to_dict()
     results["flops"] = {"dense_flops": flops.dense_flops, "sparse_flops": flops.sparse_flops, "savings": flops.savings}
     if req.scores_images:
         results.update(_fidelity_part(req, loaded, out, policy=policy, state=state, runtime=runtime, progress=progress))
@@ -145,20 +177,20 @@ def _fidelity_part(req: EvalRequest, loaded: Loaded, out: Path, *, policy, state
     sample_job = sample_job_for(req, loaded.model.num_classes)
     samples = out / "samples"
     record = job_record(sample_job, loaded.model_id, loaded.vae_id, policy, runtime.dtype)
-    prepare_out_dir(samples, record, req.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    run_sample_job(
-        loaded.model,
-        loaded.vae,
-        sample_job,
-        samples,
-        runtime=runtime,
-        policy=policy,
-        progress=progress if state.is_main_process else None,
-        rank=state.process_index,
-        world=state.num_processes,
-    )
-    state.wait_for_everyone()
+    with claimed_folder(samples, record, overwrite=req.overwrite, main=state.is_main_process):
+        state.wait_for_everyone()
+        run_sample_job(
+            loaded.model,
+            loaded.vae,
+            sample_job,
+            samples,
+            runtime=runtime,
+            policy=policy,
+            progress=progress if state.is_main_process else None,
+            rank=state.process_index,
+            world=state.num_processes,
+        )
+        state.wait_for_everyone()
     if not state.is_main_process:
         return {}
     _, npz = finish_outputs(sample_job, samples, npz=True, grid=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..hub.download import parse_target
-from ..hub.publish import find_eval_json, upload_folder, write_push_folder
+from ..hub.publish import check_folder_free, find_eval_json, upload_folder, write_push_folder
 from ..models.checkpoint import read_checkpoint
 from .result import Result
 
@@ -21,6 +21,7 @@ class PushRequest:
     dry_run: Path | None = None  # write the folder here instead of uploading
     eval_json: Path | None = None  # None: an eval.json beside the model, if any
     token: str | None = None
+    overwrite: bool = False  # replace another model's files in the dry-run folder
 
 
 @dataclass
@@ -42,6 +43,7 @@ def run(req: PushRequest) -> PushResult:
         raise ConfigError(f"{req.model} is not an ActVAR model", "push what `actvar moefy` or distillation wrote")
     evals = find_eval_json(req.model, req.eval_json)
     if req.dry_run:
+        check_folder_free(Path(req.dry_run), req.model, req.overwrite)
         folder = write_push_folder(req.model, info, repo_id=req.repo, folder=req.dry_run, evals=evals)
         return PushResult(req.repo, folder=str(folder), files=sorted(p.name for p in folder.iterdir()))
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..generation.jobs import SampleJob, default_classes, finish_outputs, job_record, prepare_out_dir, run_sample_job
+from ..files import FolderLock
+from ..generation.jobs import (
+    SampleJob,
+    check_disk_space,
+    claimed_folder,
+    default_classes,
+    finish_outputs,
+    job_record,
+    run_sample_job,
+)
 from ..generation.sampling import SamplingOptions, compile_steps
 from ..progress import Progress
 from ..runtime import Runtime
@@ -65,12 +74,14 @@ def run(req: SampleRequest, progress: Progress | None = None) -> SampleResult:
         upstream_seeding=req.upstream_seeding,
     )
     job.validate(model.num_classes)
+    check_disk_space(req.out_dir, job.total, 3 * model.cfg.image_size**2)
     policy = None if req.dense else model.policy
-    prepare_out_dir(req.out_dir, job_record(job, loaded.model_id, loaded.vae_id, policy, runtime.dtype), req.overwrite)
-    if req.compile:
-        compile_steps(model)
-    result = run_sample_job(model, loaded.vae, job, req.out_dir, runtime=runtime, policy=policy, progress=progress)
-    grid, npz = finish_outputs(job, req.out_dir, req.npz)
+    record = job_record(job, loaded.model_id, loaded.vae_id, policy, runtime.dtype)
+    with FolderLock(req.out_dir), claimed_folder(req.out_dir, record, overwrite=req.overwrite):
+        if req.compile:
+            compile_steps(model)
+        result = run_sample_job(model, loaded.vae, job, req.out_dir, runtime=runtime, policy=policy, progress=progress)
+        grid, npz = finish_outputs(job, req.out_dir, req.npz)
     return SampleResult(
         out_dir=str(result.out_dir),
         model=loaded.info.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -88,12 +89,53 @@ def write_npz(
 
 
 def read_npz_images(path: str | os.PathLike) -> np.ndarray:
-    """``arr_0`` of an ADM-style batch, memory-mapped where possible."""
+    """``arr_0`` of an ADM-style batch (uint8 N x H x W x 3), memory-mapped when stored uncompressed.
+
+    The array header is read and checked against the size the archive gives the member before
+    anything is allocated: a header that claims 10^12 images is refused, not believed."""
     path = Path(path)
     try:
-        with np.load(path, mmap_mode="r") as z:
-            if "arr_0" not in z:
-                raise DataError(f"{path} has no arr_0 array", "give an ADM reference batch or a samples.npz")
-            return np.asarray(z["arr_0"])
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("arr_0.npy")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(f, max_header_size=1 << 16)
+                header_len = f.tell()
+    except KeyError:
+        raise DataError(f"{path} has no arr_0 array", "give an ADM reference batch or a samples.npz") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{path} is not a readable .npz file") from e
+    if dtype != np.uint8:
+        raise DataError(f"{path}: arr_0 holds {dtype} values, not uint8 images", "give uint8 images (0..255)")
+    if len(shape) != 4 or shape[-1] != 3 or fortran:
+        raise DataError(f"{path}: arr_0 has shape {shape}, expected N x H x W x 3")
+    if math.prod(shape) != info.file_size - header_len:
+        raise DataError(f"{path}: arr_0's header claims {shape}, which its {info.file_size} bytes do not hold")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z["arr_0"])
+    with open(path, "rb") as fh:  # the member's data follows its local header (30 bytes, name, extra)
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+
+
+MAX_IMAGE_SIDE = 4096
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone; huge or unreadable files are refused."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}", "remove it or give another reference") from e
+    if max(size) > MAX_IMAGE_SIDE:
+        raise DataError(
+            f"{path} is {size[0]}x{size[1]} pixels", f"reference images are at most {MAX_IMAGE_SIDE} a side"
+        )
+    return size

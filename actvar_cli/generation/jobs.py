@@ -11,7 +11,9 @@ images; a run that would mix in images of another model, seed or recipe is refus
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ class SampleJob:
         """``num_per_class`` images of each class in turn (``sample``'s order)."""
         if num_per_class < 1:
             raise ConfigError(f"--num-per-class {num_per_class}: must be at least 1")
+        _check_count(len(classes) * num_per_class)
         return cls([c for c in classes for _ in range(num_per_class)], **kw)
 
     @classmethod
@@ -53,6 +56,7 @@ class SampleJob:
         """``num`` images cycling through ``classes`` (``eval``'s order: any prefix is balanced)."""
         if num < 1:
             raise ConfigError(f"--num {num}: must be at least 1")
+        _check_count(num)
         return cls([classes[i % len(classes)] for i in range(num)] if classes else [], **kw)
 
     @property
@@ -77,6 +81,29 @@ class SampleJob:
         starts = range(0, self.total, self.batch_size)
         numbered = [(k, list(range(s, min(s + self.batch_size, self.total)))) for k, s in enumerate(starts)]
         return numbered[rank::world]
+
+
+MAX_IMAGES = 10_000_000  # 200 times the 50,000 of an ImageNet FID run
+
+
+def _check_count(images: int) -> None:
+    """Sizes come from users: refuse a run no disk could hold before anything is allocated."""
+    if images > MAX_IMAGES:
+        raise ConfigError(f"{images} images are too many for one run", f"ask for at most {MAX_IMAGES}")
+
+
+def check_disk_space(out_dir: str | Path, images: int, image_bytes: int) -> None:
+    """Refuse a sampling run whose PNGs (and their npz) would not fit on the disk of ``out_dir``."""
+    folder = Path(out_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    need = 2 * images * image_bytes  # a PNG is at most about the raw size; the npz holds the raw images again
+    if need > free:
+        raise OutputError(
+            f"{images} images need about {need / 2**30:.1f} GiB in {out_dir}, and {free / 2**30:.1f} GiB are free",
+            "ask for fewer images or free some space",
+        )
 
 
 @dataclass
@@ -107,6 +134,34 @@ def job_record(job: SampleJob, model_id: str, vae_id: str, policy: SparsityPolic
     }
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path} is unreadable", "choose another --out, or pass --overwrite") from e
+    if not isinstance(old, dict) or not isinstance(old.get("labels"), list):
+        raise OutputError(f"{path} is not a sampling record", "choose another --out, or pass --overwrite")
+    return old
+
+
+def _check_same_run(out: Path, old: dict[str, Any] | None, record: dict[str, Any], images: list[Path]) -> None:
+    if old is None:
+        raise OutputError(f"{out} holds images that no record describes", "choose another --out, or --overwrite")
+    differ = [k for k in record if k != "labels" and old.get(k) != record[k]]
+    n = min(len(old["labels"]), len(record["labels"]))
+    if old["labels"][:n] != record["labels"][:n]:
+        differ.append("classes")
+    if not differ and len(old["labels"]) > len(record["labels"]) and len(images) > len(record["labels"]):
+        differ.append("the number of images (the folder holds more)")
+    if differ:
+        raise OutputError(
+            f"{out} holds images of another run (it differs in {', '.join(differ)})",
+            "choose another --out, or pass --overwrite to replace them",
+        )
+
+
 def prepare_out_dir(out_dir: str | Path, record: dict[str, Any], overwrite: bool, main: bool = True) -> Path:
     """Check that ``out_dir`` may receive this job's images, and record the job there."""
     out = Path(out_dir)
@@ -114,19 +169,9 @@ def prepare_out_dir(out_dir: str | Path, record: dict[str, Any], overwrite: bool
         raise OutputError(f"--out {out} is a file", "give a folder")
     old_path = out / RECORD
     ours = sorted(out.glob("[0-9]" * 6 + "_class*.png")) if out.is_dir() else []
-    old = json.loads(old_path.read_text()) if old_path.exists() else None
+    old = None if overwrite else _read_record(old_path)
     if (ours or old) and not overwrite:
-        if old is None:
-            raise OutputError(f"{out} holds images that no record describes", "choose another --out, or --overwrite")
-        differ = [k for k in record if k != "labels" and old.get(k) != record[k]]
-        n = min(len(old.get("labels", [])), len(record["labels"]))
-        if old.get("labels", [])[:n] != record["labels"][:n]:
-            differ.append("classes")
-        if differ:
-            raise OutputError(
-                f"{out} holds images of another run (it differs in {', '.join(differ)})",
-                "choose another --out, or pass --overwrite to replace them",
-            )
+        _check_same_run(out, old, record, ours)
     if main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +182,21 @@ def prepare_out_dir(out_dir: str | Path, record: dict[str, Any], overwrite: bool
         except OSError as e:
             raise OutputError(f"cannot write to {out}: {e.strerror}", "choose a writable --out folder") from e
     return out
+
+
+@contextlib.contextmanager
+def claimed_folder(out_dir: str | Path, record: dict[str, Any], *, overwrite: bool, main: bool = True):
+    """``prepare_out_dir`` for the length of a run: a run that fails before it writes any image
+    gives the folder back (its record is removed), so that it never claims a folder for nothing."""
+    out = Path(out_dir)
+    had_record = (out / RECORD).exists()
+    prepare_out_dir(out, record, overwrite, main)
+    try:
+        yield out
+    except BaseException:
+        if main and not had_record and not any(out.glob("[0-9]" * 6 + "_class*.png")):
+            (out / RECORD).unlink(missing_ok=True)
+        raise
 
 
 def _regrouped(files: list[Path], old: dict[str, Any] | None, new: dict[str, Any]) -> list[Path]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import huggingface_hub as hf
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..errors import ConfigError
-from ..files import atomic_path, atomic_write_text
+from ..errors import CheckpointError, ConfigError, OutputError
+from ..files import atomic_path, atomic_write_text, sha256_file
 from ..models.checkpoint import CheckpointInfo, stored_json
 from ..sparsity.flops import count_flops
 from .download import MODEL_FILE, OFFICIAL_REPO, DownloadTarget, check_reachable, endpoint, hub_error, quiet_retries
@@ -25,9 +25,33 @@ def find_eval_json(model_path: str | os.PathLike, explicit: str | os.PathLike | 
             raise ConfigError(f"--eval {path}: no such file")
         return None
     try:
-        return json.loads(path.read_text())
+        evals = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is not a readable eval.json", "give the eval.json that `actvar eval` wrote") from e
+    if not isinstance(evals, dict):
+        raise ConfigError(f"{path} is not an eval.json (not a mapping)", "give the eval.json that `actvar eval` wrote")
+    return {k: v for k, v in evals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def training_history(info: CheckpointInfo) -> list[dict]:
+    """The training runs a model records (one per distillation stage)."""
+    history = stored_json(info, "training") or []
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{info.source}: its training record is malformed", "push a file actvar wrote")
+    return history
+
+
+def check_folder_free(folder: Path, model_path: str | os.PathLike, overwrite: bool) -> None:
+    """A push folder that holds another model's weights is not written over without ``--overwrite``."""
+    existing = folder / MODEL_FILE
+    if existing.exists() and not overwrite and sha256_file(existing) != sha256_file(model_path):
+        raise OutputError(
+            f"{folder} holds another model's {MODEL_FILE}", "choose another folder, or pass --overwrite to replace it"
+        )
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def _card_text(repo_id: str, summary: dict, savings_rows: list[tuple], evals: dict | None, training: list) -> str:
@@ -55,10 +79,11 @@ def _card_text(repo_id: str, summary: dict, savings_rows: list[tuple], evals: di
         lines += ["", "## Training", "", "| stage | steps | epochs | global batch | processes | data | final losses |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for t in training:
-            losses = ", ".join(f"{k} {v:.4g}" for k, v in t.get("final_losses", {}).items() if k != "grad_norm")
+            final = t.get("final_losses") if isinstance(t.get("final_losses"), dict) else {}
+            losses = ", ".join(f"{k} {_num(v, '.4g')}" for k, v in final.items() if k != "grad_norm")
             lines.append(
-                f"| {t.get('stage')} | {t.get('steps')} | {t.get('epochs', 0):.3g} | {t.get('global_batch')} | "
-                f"{t.get('num_processes')} | {t.get('data')} | {losses} |"
+                f"| {t.get('stage')} | {t.get('steps')} | {_num(t.get('epochs', 0), '.3g')} | "
+                f"{t.get('global_batch')} | {t.get('num_processes')} | {t.get('data')} | {losses} |"
             )
     if evals:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
@@ -85,12 +110,14 @@ def write_push_folder(
 ) -> Path:
     """The folder ``push`` uploads: model.safetensors, config.json and a model card (README.md)."""
     folder = Path(folder)
+    training = training_history(info)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / MODEL_FILE) as tmp:
-        shutil.copyfile(model_path, tmp)
+    target = folder / MODEL_FILE
+    if not (target.exists() and target.samefile(model_path)):  # never copied onto itself
+        with atomic_path(target) as tmp:
+            shutil.copyfile(model_path, tmp)
     cfg = info.var_config
     report = count_flops(cfg.replace(num_experts=0), info.policy, cfg.num_experts)
-    training = stored_json(info, "training") or []
     summary = {
         "base_checkpoint": info.metadata.get("base_checkpoint", ""),
         "experts": cfg.num_experts,

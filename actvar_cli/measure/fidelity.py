@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError, MetricsError
+from ..errors import DataError, MetricsError, OutputError
 from ..files import atomic_write_with
-from ..generation.images import IMAGE_SUFFIXES, load_png, read_npz_images
+from ..generation.images import IMAGE_SUFFIXES, image_size, load_png, read_npz_images
 from ..progress import Progress
 from ..reference import shapes
 from ..reference.classifier import register_with_fidelity, shipped_classifier_sha
@@ -37,6 +38,7 @@ INCEPTION_ENV = "ACTVAR_INCEPTION_WEIGHTS"
 SHAPES_REF = "shapes"
 SHAPES_REF_IMAGES = 2000  # images of the test stream the shapes statistics are computed on
 CACHE_ENV = "ACTVAR_CACHE"
+MIN_IMAGES = 2  # a covariance needs two
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -51,20 +53,18 @@ class ImageSet(torch.utils.data.Dataset):
             self.files = sorted(
                 p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png"
             )
-            if not self.files:
-                raise DataError(f"no images in {path}")
+            sizes = {image_size(p) for p in self.files}  # every header read now, not after sampling
+            if len(sizes) > 1:
+                raise DataError(f"{path} holds images of {len(sizes)} sizes", "give images of one size")
         elif path.suffix == ".npz" and path.exists():
             self.array = read_npz_images(path)
-            if self.array.ndim != 4 or self.array.shape[-1] != 3:
-                raise DataError(f"{path}: arr_0 has shape {self.array.shape}, expected N x H x W x 3")
-            if self.array.dtype != np.uint8:
-                raise DataError(
-                    f"{path}: arr_0 holds {self.array.dtype} values, not uint8 images", "give uint8 images (0..255)"
-                )
         else:
             raise DataError(
                 f"{path} is neither an image folder nor an .npz batch", "give a folder, an .npz or `shapes`"
             )
+
+        if len(self) < MIN_IMAGES:
+            raise DataError(f"{path} holds {len(self)} images", f"FID and precision/recall need at least {MIN_IMAGES}")
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)
@@ -164,6 +164,19 @@ def extract(images: torch.utils.data.Dataset, ys: Yardstick, device, batch_size:
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "actvar"
     return Path(root) / "fidelity"
+
+
+def check_cache_writable() -> None:
+    """The reference features are cached after sampling: the cache folder must be usable before it."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"the metrics cache {folder} cannot be written ({e.strerror})", f"set {CACHE_ENV} to a writable folder"
+        ) from e
 
 
 def cache_path(ref: str, images, ys: Yardstick) -> Path:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write_with, sha256_file
@@ -174,29 +174,62 @@ def describe(
     fmt: str,
     num_heads: int | None = None,
 ) -> CheckpointInfo:
-    """Classify a state dict and infer its configuration."""
+    """Classify a state dict and infer its configuration.
+
+    Nothing in a file is trusted: the configuration is read off the tensors (bounded by what they
+    hold), and a stored configuration or policy must agree with them before anything is built."""
     keys = set(sd)
     if looks_like_var(keys):
-        stored = _metadata_json(meta, "var_config")
-        if stored:
-            cfg = VARConfig.from_dict(stored)
-            if num_heads is not None and num_heads != cfg.num_heads:
-                raise ConfigError(f"--num-heads {num_heads} contradicts the stored config ({cfg.num_heads} heads)")
-            inferred = infer_var_config(sd, num_heads=cfg.num_heads, patch_nums=cfg.patch_nums)
-            if inferred.replace(vae_stride=cfg.vae_stride, norm_eps=cfg.norm_eps) != cfg:  # neither shows in tensors
-                raise CheckpointError(f"{source}: stored config does not match its tensors")
-        else:
-            cfg = infer_var_config(sd, num_heads=num_heads)
-        kind = "actvar" if cfg.num_experts else "var"
-        policy_d = _metadata_json(meta, "policy")
-        policy = SparsityPolicy.from_dict(policy_d) if policy_d else (SparsityPolicy() if cfg.num_experts else None)
-        return CheckpointInfo(source, kind, fmt, dict(meta), var_config=cfg, policy=policy)
+        cfg = _var_config(sd, meta, source, num_heads)
+        return CheckpointInfo(source, "actvar" if cfg.num_experts else "var", fmt, dict(meta), var_config=cfg,
+                              policy=_policy(meta, cfg, source))  # fmt: skip
     if looks_like_vae(keys):
-        return CheckpointInfo(source, "vqvae", fmt, dict(meta), vae_config=vae_config_of(sd, meta, None))
+        try:
+            vae_cfg = vae_config_of(sd, meta, None)
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{source}: cannot read its VQVAE configuration ({e})") from e
+        return CheckpointInfo(source, "vqvae", fmt, dict(meta), vae_config=vae_cfg)
     raise CheckpointError(
         f"{source} is neither a VAR nor a VQVAE checkpoint (unrecognised keys, e.g. {sorted(keys)[0]!r})",
         "give an official var_dXX.pth / vae_ch160v4096z32.pth or a file written by actvar",
     )
+
+
+def _var_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str, num_heads: int | None):
+    try:
+        stored = _metadata_json(meta, "var_config")
+        if not stored:
+            return infer_var_config(sd, num_heads=num_heads)
+        if not isinstance(stored, dict):
+            raise TypeError("var_config is not a mapping")
+        cfg = VARConfig.from_dict(stored)
+        if num_heads is not None and num_heads != cfg.num_heads:
+            raise ConfigError(f"--num-heads {num_heads} contradicts the stored config ({cfg.num_heads} heads)")
+        inferred = infer_var_config(sd, num_heads=cfg.num_heads, patch_nums=cfg.patch_nums)
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{source}: cannot read its configuration ({e})", "write the file again") from e
+    if inferred.replace(vae_stride=cfg.vae_stride, norm_eps=cfg.norm_eps) != cfg:  # neither shows in tensors
+        raise CheckpointError(f"{source}: stored config does not match its tensors")
+    return cfg
+
+
+def _policy(meta: Mapping[str, str], cfg: VARConfig, source: str) -> SparsityPolicy | None:
+    stored = _metadata_json(meta, "policy")
+    if not stored:
+        return SparsityPolicy(scales=_last_two(cfg)) if cfg.num_experts else None
+    try:
+        if not isinstance(stored, dict):
+            raise TypeError("the policy is not a mapping")
+        policy = SparsityPolicy.from_dict(stored)
+        policy.validate_for(cfg)
+    except (TypeError, ValueError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{source}: its stored sparsity policy is invalid ({e})") from e
+    return policy
+
+
+def _last_two(cfg: VARConfig) -> tuple[int, ...]:
+    n = len(cfg.patch_nums)
+    return (n - 1, n)
 
 
 def vae_config_of(
@@ -317,14 +350,54 @@ def check_pair(var_cfg: VARConfig, vae: VQVAE) -> None:
 # ---------------------------------------------------------------------------
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], target: str | os.PathLike, metadata: Mapping[str, Any]
 ) -> None:
-    """Write tensors with string metadata (non-strings are stored as JSON), atomically."""
+    """Write tensors with string metadata (non-strings are stored as JSON), atomically.
 
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_with(target, lambda tmp: save_file(plain, str(tmp), metadata=meta))
+    The same tensors and metadata always give the same bytes (tensors and metadata keys in sorted
+    order), so a file's sha256 identifies its content: the safetensors library writes metadata in a
+    random order, which would make two saves of the same weights look like two models.
+    """
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in sorted(metadata.items())}
+    plain = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
+    atomic_write_with(target, lambda tmp: _write_safetensors(tmp, plain, meta))
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors layout: an 8-byte little-endian header size, the JSON header, then the data."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot hold")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def model_metadata(model: VAR, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -7,6 +7,8 @@ names and tensor shapes, the way upstream's ``build_vae_var`` would have built t
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,12 @@ VAE_PATCH_SIZE = 16  # the official VQVAE downsamples by 2**4: image side = patc
 REFERENCE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)  # the built-in reference model: L = 155, 32x32 images
 
 
+def _check_int(name: str, value: object, low: int, high: int = 1 << 24) -> None:
+    """Sizes read from files are bounded: an impossible value is refused before anything is built."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} = {value!r} must be an integer from {low} to {high}")
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """The multi-scale residual VQVAE (upstream ``VQVAE``)."""
@@ -41,6 +49,18 @@ class VAEConfig:
     quant_resi: float = 0.5  # phi(h) = (1 - r) * h + r * conv(h)
     norm_groups: int = 32  # GroupNorm groups (upstream: 32); not visible in a state dict, kept in metadata
     patch_nums: tuple[int, ...] = PATCH_NUMS_256
+
+    def __post_init__(self) -> None:
+        for name in ("ch", "vocab_size", "z_channels", "num_res_blocks", "share_quant_resi", "norm_groups"):
+            _check_int(name, getattr(self, name), low=1)
+        if not 1 <= len(self.ch_mult) <= 8 or not all(isinstance(m, int) and 0 < m <= 64 for m in self.ch_mult):
+            raise ValueError(f"ch_mult {self.ch_mult!r} must be one to eight positive integers")
+        if any((self.ch * m) % self.norm_groups for m in (1, *self.ch_mult)):
+            raise ValueError(f"{self.norm_groups} GroupNorm groups do not divide the VQVAE's channels")
+        if not (isinstance(self.quant_resi, (int, float)) and math.isfinite(self.quant_resi)):
+            raise ValueError(f"quant_resi {self.quant_resi!r} must be a number")
+        if not self.patch_nums or not all(isinstance(p, int) and 0 < p <= 4096 for p in self.patch_nums):
+            raise ValueError(f"patch_nums {self.patch_nums!r} must be positive integers")
 
     @property
     def stride(self) -> int:
@@ -76,6 +96,16 @@ class VARConfig:
     vae_stride: int = VAE_PATCH_SIZE  # pixels per last-scale token of the VQVAE it was trained with
 
     def __post_init__(self) -> None:
+        for name in ("depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "vae_dim", "vae_stride"):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("ffn_dim", self.ffn_dim, low=0)
+        _check_int("num_experts", self.num_experts, low=0)
+        if not self.patch_nums or not all(isinstance(p, int) and 0 < p <= 4096 for p in self.patch_nums):
+            raise ValueError(f"patch_nums {self.patch_nums!r} must be positive integers")
+        if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and 0 < self.norm_eps < 1):
+            raise ValueError(f"norm_eps {self.norm_eps!r} must lie in (0, 1)")
+        if not isinstance(self.shared_aln, bool) or not isinstance(self.attn_l2_norm, bool):
+            raise ValueError("shared_aln and attn_l2_norm must be true or false")
         if self.ffn_dim == 0:
             object.__setattr__(self, "ffn_dim", round(4 * self.embed_dim))
         if self.embed_dim % self.num_heads:
@@ -178,6 +208,7 @@ def arch_config(name: str) -> VARConfig:
 # Inference from state dicts
 # ---------------------------------------------------------------------------
 
+BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 VAR_MARKERS = ("pos_1LC", "class_emb.weight", "head.weight")
 VAE_MARKERS = ("encoder.conv_in.weight", "quantize.embedding.weight")
 
@@ -213,6 +244,18 @@ def infer_patch_nums(sd: Mapping[str, Any], seq_len: int) -> tuple[int, ...]:
     )
 
 
+def _block_count(keys: set[str]) -> int:
+    """The number of blocks: their indices must run 0..D-1 (a key ``blocks.999999999.x`` alone is refused)."""
+    block_keys = [k for k in keys if k.startswith("blocks.")]
+    if any(not BLOCK_KEY.match(k) for k in block_keys):
+        raise ValueError("a block key is not blocks.<number>.<name>")
+    found = {int(BLOCK_KEY.match(k).group(1)) for k in block_keys}
+    if not found or found != set(range(len(found))):
+        shown = sorted(found)[:3] + (["…"] if len(found) > 3 else [])
+        raise ValueError(f"its blocks are numbered {shown}, not 0..N-1")
+    return len(found)
+
+
 def infer_var_config(
     sd: Mapping[str, Any],
     num_heads: int | None = None,
@@ -222,7 +265,7 @@ def infer_var_config(
     keys = set(sd)
     if not looks_like_var(keys):
         raise ConfigError("not a VAR state dict (no pos_1LC / class_emb / head)")
-    depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
+    depth = _block_count(keys)
     _, seq_len, width = _shape(sd, "pos_1LC")
     if patch_nums is None:
         patch_nums = infer_patch_nums(sd, seq_len)

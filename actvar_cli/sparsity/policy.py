@@ -80,6 +80,7 @@ class SparsityPolicy:
     thresholds: tuple[float, ...] = field(default_factory=tuple)  # tau_s per sparse scale (threshold rule)
     guidance_off: int = 0
     skip_last: int = 0
+    skipped_kv: bool = False  # skipped tokens still give their keys and values (docs/actvar.md)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -179,6 +180,7 @@ class SparsityPolicy:
             "thresholds": list(self.thresholds),
             "guidance_off": self.guidance_off,
             "skip_last": self.skip_last,
+            "skipped_kv": self.skipped_kv,
         }
         defaults = SparsityPolicy.dense()
         d.update({k: v for k, v in extra.items() if v != _listed(getattr(defaults, k))})  # ActVAR files stay as before
@@ -186,7 +188,7 @@ class SparsityPolicy:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SparsityPolicy:
-        keys = ("token_rule", "expert_rule", "thresholds", "guidance_off", "skip_last")
+        keys = ("token_rule", "expert_rule", "thresholds", "guidance_off", "skip_last", "skipped_kv")
         return cls(
             scales=tuple(d["scales"]),
             token_rates=tuple(d["token_rates"]),

@@ -108,22 +108,35 @@ class ShapesSource:
 
 
 class TokenCacheSource:
-    """A folder written by ``encode_image_folder``: tokens.npy (N, L) and labels.npy (N,)."""
+    """A folder written by ``encode_image_folder``: tokens.npy (N, L) and labels.npy (N,).
 
-    def __init__(self, folder: str | Path, patch_nums: tuple[int, ...], vae_id: str):
+    Every array is checked when the cache is opened, before training: shapes against the model's
+    layout, integer types, and every token and label in range."""
+
+    def __init__(self, folder: str | Path, patch_nums: tuple[int, ...], *, vae_id: str, vocab_size: int, classes: int):
         folder = Path(folder)
         meta = read_cache_meta(folder)
-        if tuple(meta["patch_nums"]) != tuple(patch_nums):
-            raise DataError(f"token cache {folder} has patch layout {meta['patch_nums']}, the model {list(patch_nums)}")
+        if list(meta.get("patch_nums", [])) != list(patch_nums):
+            raise DataError(
+                f"token cache {folder} has patch layout {meta.get('patch_nums')}, the model {list(patch_nums)}"
+            )
         if meta.get("vae_sha256") != vae_id:
             raise DataError(
                 f"token cache {folder} was encoded with another VQVAE ({str(meta.get('vae_sha256'))[:19]}…)",
                 "encode the images again with this model's VAE (--cache-tokens into a new folder)",
             )
-        self.tokens = np.load(folder / "tokens.npy", mmap_mode="r")
-        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
+        self.tokens = _load_int_array(folder / "tokens.npy", ndim=2)
+        self.labels = _load_int_array(folder / "labels.npy", ndim=1)
+        L = sum(p * p for p in patch_nums)
+        n = len(self.labels)
+        if n == 0 or self.tokens.shape != (n, L):
+            raise DataError(
+                f"token cache {folder}: tokens {self.tokens.shape} and labels ({n},) do not match ({n}, {L})"
+            )
+        _check_range(folder / "tokens.npy", self.tokens, vocab_size)
+        _check_range(folder / "labels.npy", self.labels, classes)
         self.patch_nums = tuple(patch_nums)
-        self.description = f"token cache {folder} ({len(self.labels)} images from {meta.get('source', '?')})"
+        self.description = f"token cache {folder} ({n} images from {meta.get('source', '?')})"
         self.shuffle = True
 
     def __len__(self) -> int:
@@ -135,12 +148,33 @@ class TokenCacheSource:
         return TokenBatch(torch.from_numpy(self.labels[idx].astype(np.int64)), split_levels(flat, self.patch_nums))
 
 
+def _load_int_array(path: Path, ndim: int) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npy array", "encode the images again") from e
+    if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path} holds {arr.dtype} values of shape {arr.shape}, not {ndim}-D integers")
+    return arr
+
+
+def _check_range(path: Path, arr: np.ndarray, high: int, chunk: int = 1 << 16) -> None:
+    """Every value in [0, high): one streaming pass, chunk by chunk."""
+    for s in range(0, len(arr), chunk):
+        part = arr[s : s + chunk]
+        if part.size and (part.min() < 0 or part.max() >= high):
+            raise DataError(f"{path} holds values outside 0..{high - 1}", "encode the images again with this model")
+
+
 def read_cache_meta(folder: Path) -> dict:
     meta_path = folder / "meta.json"
     if not meta_path.exists() or not (folder / "tokens.npy").exists():
         raise DataError(f"{folder} is not a token cache (no meta.json / tokens.npy)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CACHE_FORMAT:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path} is unreadable") from e
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise DataError(f"{folder}/meta.json is not an actvar token cache")
     return meta
 
@@ -336,10 +370,11 @@ def open_source(
             teacher, vae, samples_per_epoch=recipe.teacher_samples_per_epoch, opts=opts, seed=recipe.seed, device=device
         )
     path = Path(spec)
+    cache = dict(vae_id=vae_id, vocab_size=vae.cfg.vocab_size, classes=teacher.num_classes)
     if is_token_cache(path):
-        return TokenCacheSource(path, patch_nums, vae_id)
+        return TokenCacheSource(path, patch_nums, **cache)
     if cache_tokens is not None:
-        cache = encode_image_folder(
+        cache_dir = encode_image_folder(
             path,
             vae,
             vae_id=vae_id,
@@ -349,5 +384,5 @@ def open_source(
             device=device,
             progress=progress,
         )
-        return TokenCacheSource(cache, patch_nums, vae_id)
+        return TokenCacheSource(cache_dir, patch_nums, **cache)
     return ImageFolderSource(path, vae, patch_nums, recipe.seed, device)

@@ -10,6 +10,7 @@ finished by the phases below; its folder (``run.json``) records which run it hol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from accelerate import Accelerator, PartialState
 
 from .. import __version__
 from ..errors import ConfigError
-from ..files import atomic_write_text
+from ..files import FolderLock, atomic_write_text
 from ..generation.sampling import image_seed
 from ..models.checkpoint import save_model, user_metadata
 from ..models.var import VAR
@@ -407,7 +408,15 @@ def finish(run: Run, seconds: float) -> dict[str, Any]:
 def run_distillation(
     job: DistillJob, models: Models, on_event: OnEvent | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """Train one stage; rank 0 writes ``model.safetensors`` and ``metrics.jsonl`` to ``job.out_dir``."""
+    """Train one stage; rank 0 writes ``model.safetensors`` and ``metrics.jsonl`` to ``job.out_dir``,
+    and holds the folder's lock meanwhile (a second run of the same folder is refused)."""
+    job.validate()
+    main = PartialState(cpu=not (job.cuda and torch.cuda.is_available())).is_main_process
+    with FolderLock(job.out_dir) if main else contextlib.nullcontext():
+        return _train(job, models, on_event, progress)
+
+
+def _train(job: DistillJob, models: Models, on_event: OnEvent | None, progress: Progress | None) -> dict[str, Any]:
     run = setup(job, models, progress)
     main = run.acc.is_main_process
     if on_event and main:

@@ -8,6 +8,7 @@ model with a comment on every key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib.resources import files
@@ -72,52 +73,11 @@ class Recipe:
         return [f.name for f in fields(cls)]
 
     def validate(self) -> None:
-        """Every value in range, before any work starts."""
-        positive = (
-            "global_batch",
-            "lr",
-            "stage1_epochs",
-            "stage2_epochs",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "teacher_samples_per_epoch",
-            "shapes_samples_per_epoch",
-            "pseudo_label_temperature",
-            "grad_clip",
-            "calib_images",
-            "experts",
-        )
-        for key in positive:
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{key} = {value!r}: must be a number above 0")
-        for key in ("stage1_lr", "stage2_lr"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
-                raise ConfigError(f"{key} = {value!r}: must be a number above 0 (or null)")
-        for key in (
-            "weight_decay",
-            "alpha",
-            "beta",
-            "teacher_cfg",
-            "warmup",
-            "lr_end",
-            "cond_drop_rate",
-            "teacher_top_k",
-        ):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{key} = {value!r}: must be a number, 0 or more")
-        for key, hi in (("warmup", 1), ("lr_end", 1), ("cond_drop_rate", 1), ("teacher_top_p", 1)):
-            if not 0 <= getattr(self, key) <= hi:
-                raise ConfigError(f"{key} = {getattr(self, key)!r}: must be between 0 and {hi}")
-        betas = self.betas
-        if not (
-            isinstance(betas, (list, tuple))
-            and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
-        ):
-            raise ConfigError(f"betas = {betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        """Every value of the right type, finite and in range, before any work starts."""
+        for key, (kind, low, high) in RULES.items():
+            check_value(key, getattr(self, key), kind, low, high)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas = {self.betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision = {self.precision!r}", "use auto, fp32 or bf16")
         self.policy()
@@ -142,11 +102,87 @@ class Recipe:
 
     def override(self, **values: Any) -> Recipe:
         """A copy with every non-None value replaced (flags that were not given are None)."""
-        changes = {k: v for k, v in values.items() if v is not None}
+        changes = {
+            k: as_number(v) if RULES.get(k, ("str",))[0] != "str" else v for k, v in values.items() if v is not None
+        }
         unknown = set(changes) - set(self.keys())
         if unknown:
             raise ConfigError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
+
+
+INF = float("inf")
+# key -> (kind, lowest, highest): int, float (finite), float? (or null), ints / floats (lists), str (free)
+RULES: dict[str, tuple[str, float, float]] = {
+    "experts": ("int", 2, 1024),
+    "split": ("str", 0, 0),
+    "scales": ("ints", 1, 64),
+    "token_rates": ("floats", 1e-9, 1),
+    "weight_rate": ("float", 1e-9, 1),
+    "calib_images": ("int", 0, 1_000_000),
+    "data": ("str", 0, 0),
+    "global_batch": ("int", 1, 1 << 24),
+    "lr": ("float", 1e-12, 10),
+    "stage1_lr": ("float?", 1e-12, 10),
+    "stage2_lr": ("float?", 1e-12, 10),
+    "betas": ("floats", 0, 0.999999),
+    "weight_decay": ("float", 0, 100),
+    "warmup": ("float", 0, 1),
+    "lr_end": ("float", 0, 1),
+    "grad_clip": ("float", 1e-12, 1e9),
+    "cond_drop_rate": ("float", 0, 1),
+    "stage1_epochs": ("float", 1e-9, 1e6),
+    "stage2_epochs": ("float", 1e-9, 1e6),
+    "alpha": ("float", 0, 1e6),
+    "beta": ("float", 0, 1e6),
+    "pseudo_label_temperature": ("float", 1e-6, 1e6),
+    "teacher_samples_per_epoch": ("int", 1, 1 << 40),
+    "shapes_samples_per_epoch": ("int", 1, 1 << 40),
+    "teacher_cfg": ("float", 0, 100),
+    "teacher_top_k": ("int", 0, 1 << 24),
+    "teacher_top_p": ("float", 0, 1),
+    "checkpoint_every": ("int", 1, 1 << 40),
+    "keep_checkpoints": ("int", 1, 1000),
+    "seed": ("int", 0, (1 << 63) - 1),
+    "precision": ("str", 0, 0),
+    "base": ("str?", 0, 0),
+}
+
+
+def check_value(key: str, value: Any, kind: str, low: float, high: float) -> None:
+    """One recipe value against its rule; one line that names the key when it fails."""
+    if kind.endswith("?") and value is None:
+        return
+    kind = kind.rstrip("?")
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: must be text")
+        return
+    if kind in ("ints", "floats"):
+        if not isinstance(value, (list, tuple)) or not value or len(value) > 64:
+            raise ConfigError(f"{key} = {value!r}: must be a list of numbers, e.g. [0.75, 0.75]")
+        for v in value:
+            check_value(key, v, kind[:-1], low, high)
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int" and not is_int:
+        raise ConfigError(f"{key} = {value!r}: must be a whole number")
+    if not (is_int or isinstance(value, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: must be a finite number")
+    if not low <= value <= high:
+        raise ConfigError(f"{key} = {value!r}: must lie between {low:g} and {high:g}")
+
+
+def as_number(value: Any) -> Any:
+    """YAML reads ``1e-4`` as text (only ``1.0e-4`` is a float): numbers written either way count."""
+    if isinstance(value, list):
+        return [as_number(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def with_policy_flags(
@@ -184,12 +220,39 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no recipe file {name_or_path}", "give a path such as recipes/actvar-d16.yaml")
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without aliases: an alias bomb (a billion laughs) cannot expand."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise ConfigError("YAML aliases (*name) are not allowed in recipes", "write the value out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain YAML values (numbers, lists, strings, mappings), no tags and no aliases."""
+    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a regular file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes", "a recipe is a short YAML file")
+    return raw.decode("utf-8", errors="replace")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Keys of a recipe file, after those of the file it ``extends``."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(_read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     except OSError as e:

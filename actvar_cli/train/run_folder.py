@@ -11,7 +11,9 @@ state read back with ``weights_only=True``, the rest in JSON.
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from ..files import atomic_write_text, atomic_write_with
 from ..models.checkpoint import read_state_dict, save_safetensors
 
 RUN_FILE = "run.json"
+CHECKPOINT_NAME = re.compile(r"step_(\d{6,})")
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"  # written last: a checkpoint without it is incomplete
@@ -84,7 +87,10 @@ class RunFolder:
         run_file = self.root / RUN_FILE
         if not run_file.exists():
             raise ConfigError(f"--resume: {self.root} holds no run (no {RUN_FILE})", "start it without --resume")
-        recorded = json.loads(run_file.read_text())
+        try:
+            recorded = json.loads(run_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume: {run_file} is unreadable", "start the run again in a new --out-dir") from e
         differ = sorted(k for k in set(identity) | set(recorded) if identity.get(k) != recorded.get(k))
         if differ:
             raise ConfigError(
@@ -102,12 +108,15 @@ class RunFolder:
         raise ConfigError(f"--resume: no complete checkpoint under {self.checkpoints}", "start it without --resume")
 
     def _complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """Our own checkpoint folders (``step_NNNNNN``) with their state file, newest first; a user's
+        ``step_000004_backup/`` or anything else in the folder is not ours and is left alone."""
         if not self.checkpoints.is_dir():
             return []
         found = []
         for d in self.checkpoints.iterdir():
-            if d.is_dir() and d.name.startswith("step_") and (d / STATE_FILE).exists():
-                found.append((int(d.name.removeprefix("step_")), d))
+            m = CHECKPOINT_NAME.fullmatch(d.name)
+            if m and d.is_dir() and (d / STATE_FILE).exists():
+                found.append((int(m.group(1)), d))
         return sorted(found, reverse=True)
 
     @staticmethod
@@ -136,5 +145,14 @@ class RunFolder:
         """Drop the records of steps after the checkpoint a run resumes from."""
         path = self.root / METRICS_FILE
         if path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _step_of(ln) <= step]
             atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _step_of(line: str) -> float:
+    """The step a metrics line records; a torn line (a run killed while writing it) never survives."""
+    try:
+        record = json.loads(line)
+        return record["step"] if isinstance(record, dict) and isinstance(record.get("step"), int) else math.inf
+    except ValueError:
+        return math.inf
