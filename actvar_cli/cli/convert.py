@@ -1,4 +1,4 @@
-"""``actvar moefy``: a dense VAR becomes a cheaper model."""
+"""``actvar moefy`` and ``actvar quantize``: a model becomes a cheaper one."""
 
 from __future__ import annotations
 
@@ -53,5 +53,46 @@ def moefy(
                 "(pass --vae to fit them on self-generated tokens)"
             )
         out.print(kv_table(f"ActVAR model written to {output}", {k: v for k, v in summary.items() if k != "output"}))
+
+    show(result, as_json, table)
+
+
+@app.command()
+def quantize(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="A VAR or ActVAR model: a file, a name in the cache, or tiny."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the quantized model (.safetensors)."),
+    weights: str = typer.Option(
+        ..., "--weights", help="int8 (a scale per output row) | int4 (a scale per group of inputs, two values a byte)."
+    ),
+    group_size: int = typer.Option(128, "--group-size", help="Inputs sharing one int4 scale; must divide every width."),
+    num_heads: NumHeads = None,
+    as_json: Json = False,
+) -> None:
+    """Store a model's linear weights as int8 or int4 (weight-only): a smaller file, less memory.
+
+    The attention, FFN (experts), AdaLN and head weights are quantized; routers, selectors,
+    embeddings and biases stay float. Every command runs the file; training and conversion refuse it.
+
+    Examples: `actvar quantize tiny --weights int8 -o tiny-int8.safetensors` ·
+    `actvar quantize actvar-d16.safetensors --weights int4 --group-size 64 -o actvar-d16-int4.safetensors`
+    """
+    from ..commands import quantize as cmd
+
+    with handled():
+        req = request(cmd.QuantizeRequest, ctx.params, source=checkpoint)
+        result = execute(cmd.run, req, transient=True)
+
+    def table(summary: dict) -> None:
+        mib = 1024 * 1024
+        rows = {
+            "weights": summary["quantization"]["weights"],
+            "group size": summary["quantization"]["group_size"] or "per output row",
+            "layers quantized": summary["layers"],
+            "parameters": f"{summary['parameters']:,}",
+            "size": f"{summary['input_bytes'] / mib:.1f} MiB -> {summary['output_bytes'] / mib:.1f} MiB",
+            "bytes per parameter": f"{summary['bytes_per_parameter']:.3f}",
+        }
+        out.print(kv_table(f"quantized model written to {output}", rows))
 
     show(result, as_json, table)

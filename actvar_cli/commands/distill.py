@@ -13,6 +13,7 @@ from typing import Any
 
 from ..files import check_not_input
 from ..progress import Progress
+from ..quant.apply import file_scheme, refuse_quantized
 from ..runtime import use_cuda
 from ..train.distill import DistillJob, Models, StepDone, run_distillation
 from ..train.recipes import Recipe, pick_recipe
@@ -53,6 +54,7 @@ class DistillResult(Result):
 def run(req: DistillRequest, progress: Progress | None = None) -> DistillResult:
     source = resolve(req.model)
     check_not_input(Path(req.out_dir) / "model.safetensors", (source,))
+    refuse_quantized(file_scheme(source), req.model, "distil the float model, then quantize the result")
     Recipe().override(**req.settings)  # unknown keys fail before anything is loaded
     loaded = load_models(source, vae=req.vae, teacher=req.teacher or AUTO, actvar=True)
     job = DistillJob(
@@ -82,6 +84,7 @@ def run(req: DistillRequest, progress: Progress | None = None) -> DistillResult:
 
 def training_models(loaded: Loaded) -> Models:
     """What the library trains: the student, its checked teacher and VQVAE, and their identities."""
+    refuse_quantized(loaded.info.quantization, loaded.info.name, "distil the float model, then quantize the result")
     return Models(
         student=loaded.model,
         teacher=loaded.teacher,

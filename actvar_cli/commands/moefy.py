@@ -21,6 +21,7 @@ from ..models.config import BUILTIN_NAME
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from ..progress import Progress
+from ..quant.apply import file_scheme, refuse_quantized
 from ..runtime import Runtime
 from ..sparsity.methods import parse_method
 from ..train.recipes import pick_recipe, with_policy_flags
@@ -68,6 +69,7 @@ def run(req: MoefyRequest, progress: Progress | None = None) -> MoefyResult:
         family, _ = parse_method(req.method)
         if family not in CONVERTED:
             raise ConfigError(f"{family} runs the dense model itself: nothing to convert", "run it with actvar compare")
+    refuse_quantized(file_scheme(source), req.source, "give the float VAR it was quantized from")
     runtime = Runtime.pick(req.device)
     loaded = load_models(source, vae=False, runtime=runtime, num_heads=req.num_heads)
     opts = _options(req, loaded.model)

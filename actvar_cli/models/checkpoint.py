@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write_with, sha256_file
+from ..quant.apply import METADATA_KEY, install_quant_layers, logical_state_dict, read_scheme, scheme_of
 from ..sparsity.policy import SparsityPolicy
 from .builtin import BUILTIN_NAME, builtin_state_dict
 from .config import (
@@ -38,7 +39,7 @@ from .vqvae import VQVAE
 
 FORMAT_NAME = "actvar"
 FORMAT_VERSION = "1"
-FORMAT_KEYS = ("format", "format_version", "kind", "var_config", "vae_config", "policy")  # written by save_model
+FORMAT_KEYS = ("format", "format_version", "kind", "var_config", "vae_config", "policy", METADATA_KEY)  # save_model's
 DOWNLOAD_HINT = "check the path, or fetch official weights with `actvar download d16`"
 
 
@@ -53,6 +54,7 @@ class CheckpointInfo:
     var_config: VARConfig | None = None
     vae_config: VAEConfig | None = None
     policy: SparsityPolicy | None = None
+    quantization: dict[str, Any] | None = None  # {"weights": "int8" | "int4", "group_size": ...}; None: float
 
     @property
     def name(self) -> str:
@@ -177,12 +179,15 @@ def describe(
     """Classify a state dict and infer its configuration.
 
     Nothing in a file is trusted: the configuration is read off the tensors (bounded by what they
-    hold), and a stored configuration or policy must agree with them before anything is built."""
-    keys = set(sd)
+    hold), and a stored configuration or policy must agree with them before anything is built. A
+    quantized file's layers are read at their float shapes."""
+    scheme = read_scheme(meta, source)
+    shapes = logical_state_dict(sd, scheme, source)
+    keys = set(shapes)
     if looks_like_var(keys):
-        cfg = _var_config(sd, meta, source, num_heads)
+        cfg = _var_config(shapes, meta, source, num_heads)
         return CheckpointInfo(source, "actvar" if cfg.num_experts else "var", fmt, dict(meta), var_config=cfg,
-                              policy=_policy(meta, cfg, source))  # fmt: skip
+                              policy=_policy(meta, cfg, source), quantization=scheme)  # fmt: skip
     if looks_like_vae(keys):
         try:
             vae_cfg = vae_config_of(sd, meta, None)
@@ -286,6 +291,7 @@ def build_var_from_state_dict(sd: Mapping[str, torch.Tensor], info: CheckpointIn
     check_finite(sd, info.source)
     with torch.device("meta"):
         model = VAR(info.var_config)
+    install_quant_layers(model, sd, info.quantization)
     _load_into(model, sd, info.source)
     model.float()
     model.policy = info.policy
@@ -409,6 +415,9 @@ def model_metadata(model: VAR, extra: Mapping[str, Any] | None = None) -> dict[s
     }
     if model.policy is not None:
         meta["policy"] = model.policy.to_dict()
+    scheme = scheme_of(model)  # read off its layers, so it cannot go stale
+    if scheme is not None:
+        meta[METADATA_KEY] = scheme
     meta.update(extra or {})
     return meta
 

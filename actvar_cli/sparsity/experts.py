@@ -135,7 +135,7 @@ def pick_kernel(kernel: str, ffn, x_TC: torch.Tensor, num_pairs: int) -> str:
         return kernel
     if x_TC.device.type != "cpu":
         return "grouped"
-    d_e = ffn.fc1.weight.shape[0] // ffn.num_experts
+    d_e = ffn.fc1.out_features // ffn.num_experts  # not weight.shape: a quantized layer would dequantize
     macs_per_expert = num_pairs / ffn.num_experts * x_TC.shape[1] * d_e
     return "masked" if macs_per_expert < MASKED_BELOW_MACS_PER_EXPERT else "loop"
 
@@ -156,10 +156,11 @@ def _grouped(ffn, x_PC: torch.Tensor, pairs: Pairs) -> torch.Tensor:
     N, C = ffn.num_experts, x_PC.shape[1]
     offs = pairs.counts.cumsum(0).to(torch.int32)
     dtype = torch.get_autocast_dtype(x_PC.device.type) if torch.is_autocast_enabled(x_PC.device.type) else x_PC.dtype
-    w1 = ffn.fc1.weight.to(dtype).view(N, -1, C).transpose(1, 2)  # N, C, d_e
-    w2 = ffn.fc2.weight.to(dtype).view(C, N, -1).permute(1, 2, 0)  # N, d_e, C
     b1 = ffn.fc1.bias.to(dtype).view(N, -1)[pairs.expert]  # P, d_e
+    w1 = ffn.fc1.weight.to(dtype).view(N, -1, C).transpose(1, 2)  # N, C, d_e
     h = F.gelu(grouped_mm(x_PC.to(dtype), w1, offs) + b1, approximate="tanh")
+    del w1  # a quantized fc1's float weight goes before fc2's is made
+    w2 = ffn.fc2.weight.to(dtype).view(C, N, -1).permute(1, 2, 0)  # N, d_e, C
     return grouped_mm(h, w2, offs)
 
 
@@ -171,6 +172,7 @@ def _loop(ffn, x_TC: torch.Tensor, pairs: Pairs) -> torch.Tensor:
     """
     N, C = ffn.num_experts, x_TC.shape[1]
     w1 = ffn.fc1.weight.view(N, -1, C)  # N, d_e, C
+    w2_CF = ffn.fc2.weight  # read once: a quantized layer dequantizes on each read
     b1 = ffn.fc1.bias.view(N, -1)
     d_e = w1.shape[1]
     out = None
@@ -180,7 +182,7 @@ def _loop(ffn, x_TC: torch.Tensor, pairs: Pairs) -> torch.Tensor:
             continue
         token_n = pairs.token[start : start + n]
         h = F.gelu(F.linear(x_TC.index_select(0, token_n), w1[e], b1[e]), approximate="tanh")  # n, d_e
-        y_nC = h @ ffn.fc2.weight[:, e * d_e : (e + 1) * d_e].t()  # dtype follows autocast
+        y_nC = h @ w2_CF[:, e * d_e : (e + 1) * d_e].t()  # dtype follows autocast
         if out is None:
             out = x_TC.new_zeros(x_TC.shape, dtype=y_nC.dtype)
         out.index_add_(0, token_n, y_nC)
