@@ -144,7 +144,7 @@ def _pick_tokens(guided_BlV: torch.Tensor, opts: SamplingOptions, rng: Rng, per_
 def _drop_unconditional_rows(cache: list, state: GenerationState, rows: int) -> None:
     """Guidance turns off: from here on only the conditional rows run."""
     for layer in cache:
-        layer.k, layer.v = layer.k[:rows], layer.v[:rows]
+        layer.keep_rows(rows)
     state.keep_rows(rows)
 
 
@@ -179,7 +179,7 @@ def generate(
     lvl_pos = model.lvl_pos()
     first = model.first_l
     x = cond_BD.unsqueeze(1).expand(2 * B, first, -1) + model.pos_start.expand(2 * B, first, -1) + lvl_pos[:, :first]
-    cache = model.new_cache()
+    cache = model.new_cache(cached_tokens(model.cfg.patch_nums, policy))
     f_hat = torch.zeros(B, Cvae, HW, HW, device=labels_B.device, dtype=torch.float32)
     out = Generation(f_hat=f_hat, tokens=[])
     per_image = rng is not None and not isinstance(rng, torch.Generator)  # one generator per image
@@ -212,6 +212,16 @@ def generate(
             x = x.repeat(2, 1, 1) if x.shape[0] * 2 == cond_BD.shape[0] else x
     out.f_hat = f_hat
     return out
+
+
+def cached_tokens(patch_nums: tuple[int, ...], policy: SparsityPolicy | None) -> int:
+    """How many tokens each block's KV cache holds by the end of a generation under ``policy``."""
+    if policy is None:
+        return sum(pn * pn for pn in patch_nums)
+    last = policy.generated_scales(len(patch_nums))
+    if policy.skipped_kv:
+        return sum(pn * pn for pn in patch_nums[:last])
+    return sum(policy.tokens_kept(si, pn * pn) for si, pn in enumerate(patch_nums[:last]))
 
 
 def compile_steps(model: VAR) -> VAR:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
+from ..generation.sampling import cached_tokens
 from ..models.vqvae import VQVAE
 from ..sparsity.policy import SparsityPolicy
 
@@ -57,21 +58,6 @@ def var_parameters(cfg: VARConfig) -> int:
     return D * block + shared + embed + head
 
 
-def kv_tokens(cfg: VARConfig, policy: SparsityPolicy | None) -> tuple[int, int]:
-    """(tokens cached while guided, tokens cached after guidance turns off) per block and row."""
-    policy = policy or SparsityPolicy.dense()
-    last = policy.generated_scales(len(cfg.patch_nums))
-    guided_until = len(cfg.patch_nums) - policy.guidance_off
-    guided = unguided = 0
-    for si in range(last):
-        kept = policy.tokens_kept(si, cfg.patch_nums[si] ** 2) if not policy.skipped_kv else cfg.patch_nums[si] ** 2
-        if si < guided_until:
-            guided += kept
-        else:
-            unguided += kept
-    return guided, unguided
-
-
 def generation_plan(
     cfg: VARConfig,
     *,
@@ -86,8 +72,7 @@ def generation_plan(
     act = ACT_BYTES[dtype]
     C, D, B = cfg.embed_dim, cfg.depth, batch_size
     rows = 2 * B  # conditional and unconditional rows while guided
-    guided, unguided = kv_tokens(cfg, policy)
-    L = guided + unguided
+    L = cached_tokens(cfg.patch_nums, policy)
     n = cfg.patch_nums[-1] ** 2  # the largest step
     plan = MemoryPlan()
     plan.components["weights"] = var_parameters(cfg) * weight_bytes + (vae_parameters(vae) * 4 if vae else 0)

@@ -50,23 +50,48 @@ class FFN(nn.Module):
 
 
 class LayerCache:
-    """Keys and values one block has seen so far: (B, H, L_cached, head_dim) each."""
+    """Keys and values one block has seen so far: views (B, H, L_cached, head_dim) of one buffer.
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    With a ``capacity`` (every token the generation will cache, known from the policy) the buffer is
+    allocated once, at the first scale, and each scale writes its slice: no ``torch.cat`` per scale,
+    and every step has the same shapes every time (what CUDA graphs need). Without one it grows.
+    """
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat((self.k, k), dim=2)
-            self.v = torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None  # B, H, capacity, c
+        self._v: torch.Tensor | None = None
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[2]
+        if self.capacity is None:
+            self._k = k if self._k is None else torch.cat((self.k, k), dim=2)
+            self._v = v if self._v is None else torch.cat((self.v, v), dim=2)
+        else:
+            if self._k is None:
+                B, H, _, c = k.shape
+                self._k = k.new_empty(B, H, self.capacity, c)
+                self._v = v.new_empty(B, H, self.capacity, c)
+            if self.length + n > self.capacity:
+                raise ValueError(f"the KV cache holds {self.capacity} tokens, and {self.length + n} were given")
+            self._k[:, :, self.length : self.length + n] = k
+            self._v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k, self.v
+
+    def keep_rows(self, rows: int) -> None:
+        """Guidance turned off: only the first ``rows`` (the conditional ones) go on; a view, no copy."""
+        if self._k is not None:
+            self._k, self._v = self._k[:rows], self._v[:rows]
 
 
 class SelfAttention(nn.Module):
@@ -105,14 +130,17 @@ class SelfAttention(nn.Module):
         x_BLC: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        query_idx_BK: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Every token is a key; with ``query_idx_BK`` only those tokens are queries (B, K, C out)."""
         with component("attention"):
-            B, L, C = x_BLC.shape
-            q, k, v = self.qkv(x_BLC)
+            q, k, v = self.qkv(x_BLC)  # each B, H, L, c
             if cache is not None:
                 k, v = cache.append(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-            return self.proj(out.transpose(1, 2).reshape(B, L, C))
+            if query_idx_BK is not None:
+                q = q.gather(2, query_idx_BK[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # B, H, Lq, c
+            return self.proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
 
 
 class Modulation(NamedTuple):
@@ -162,9 +190,11 @@ class Block(nn.Module):
         mod: Modulation,
         attn_mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        query_idx_BK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """What attention adds to the residual stream of ``x``."""
-        return self.attn(self.norm(x, mod.scale1, mod.shift1), attn_mask, cache).mul(mod.gamma1)
+        """What attention adds to the residual stream of ``x`` (of the ``query_idx_BK`` tokens only,
+        when given: the others are keys, not queries)."""
+        return self.attn(self.norm(x, mod.scale1, mod.shift1), attn_mask, cache, query_idx_BK).mul(mod.gamma1)
 
     def ffn_branch(self, x: torch.Tensor, mod: Modulation, ffn: Callable | None = None) -> torch.Tensor:
         """What the FFN adds to the residual stream of ``x``; ``ffn`` replaces the dense FFN (experts)."""
@@ -321,7 +351,9 @@ class VAR(nn.Module):
         for b in self.blocks:
             if segments:
                 aux = sparse.BlockAux(block_input=x) if collect_aux else None
-                x = sparse.block_masked(b, x, cond, causal, segments, aux=aux, choices=choices)
+                x = sparse.block_masked(
+                    b, x, cond, causal, segments, aux=aux, choices=choices, skipped_kv=policy.skipped_kv
+                )
                 if aux is not None:
                     auxes.append(aux)
             else:
@@ -331,8 +363,9 @@ class VAR(nn.Module):
 
     # -- generation ----------------------------------------------------------------------
 
-    def new_cache(self) -> list[LayerCache]:
-        return [LayerCache() for _ in self.blocks]
+    def new_cache(self, capacity: int | None = None) -> list[LayerCache]:
+        """One cache per block; ``capacity``: every token the generation will cache (preallocated)."""
+        return [LayerCache(capacity) for _ in self.blocks]
 
     def generation_step(
         self,

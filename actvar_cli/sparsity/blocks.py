@@ -113,7 +113,10 @@ def block_generate(block, x_BnC, cond, cache, *, plan: ScalePlan, state: Generat
     with component("select"):
         idx = kept_tokens(block, x_BnC, plan, state, si)
         xs = x_BnC if idx is None else gather(x_BnC, idx)  # B, K_t, C
-    attn_out = block.attn_branch(xs, mod, cache=cache)
+    if idx is not None and plan.skipped_kv:  # skipped tokens are keys (and stay in the cache), not queries
+        attn_out = block.attn_branch(x_BnC, mod, cache=cache, query_idx_BK=idx)
+    else:
+        attn_out = block.attn_branch(xs, mod, cache=cache)
     xs = xs + attn_out
     ffn_out = block.ffn_branch(xs, mod, ffn=lambda h: ffn_apply(block.ffn, h, plan, state, si))
     if state.record_sublayers and idx is None:
@@ -242,7 +245,9 @@ def _expert_gates(ffn, h, segments, hidden, aux):
     return gate
 
 
-def block_masked(block, x, cond, causal_mask, segments, *, aux: BlockAux | None = None, choices=None):
+def block_masked(
+    block, x, cond, causal_mask, segments, *, aux: BlockAux | None = None, choices=None, skipped_kv: bool = False
+):
     """The whole sequence with the generation path's choices expressed as masks.
 
     ``causal_mask`` (1, 1, L, L) bool is VAR's block-causal mask (True = may attend); ``choices``
@@ -250,7 +255,8 @@ def block_masked(block, x, cond, causal_mask, segments, *, aux: BlockAux | None 
     """
     mod = block.modulation(cond)
     token_gate, key_keep = _token_gates(block, x, segments, choices, aux)
-    mask = causal_mask if token_gate is None else causal_mask & key_keep[:, None, None, :]
+    hide_skipped = token_gate is not None and not skipped_kv
+    mask = causal_mask & key_keep[:, None, None, :] if hide_skipped else causal_mask
     y = x + block.attn_branch(x, mod, mask)
     y = y + block.ffn_branch(y, mod, ffn=lambda h: _gated_ffn(block.ffn, h, segments, aux))
     if token_gate is None:

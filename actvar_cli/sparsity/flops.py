@@ -97,7 +97,7 @@ def _scale_flops(
     return {
         "embed": 2.0 * n * cfg.vae_dim * C if n > 1 else 0.0,  # once per image, before the CFG rows are repeated
         "adaln": float(rows * adaln_per_row),
-        "qkv": 2.0 * D * rows * kept * C * 3 * C,
+        "qkv": 2.0 * D * rows * (n if plan.skipped_kv else kept) * C * 3 * C,  # skipped tokens' keys too
         "attention": 4.0 * D * rows * kept * kv_len * C,
         "proj": 2.0 * D * rows * kept * C * C,
         "ffn": 4.0 * D * rows * kept * C * ffn_width,
@@ -136,7 +136,8 @@ def count_flops(
     scales, kv_dense, kv_sparse = [], 0, 0
     for si in range(len(cfg.patch_nums)):
         dense_plan, plan = dense_policy.plan(si, cfg.patch_nums, N), policy.plan(si, cfg.patch_nums, N)
-        kv_dense, kv_sparse = kv_dense + dense_plan.tokens, kv_sparse + plan.keep_tokens
+        kv_dense += dense_plan.tokens
+        kv_sparse += plan.tokens if plan.skipped_kv else plan.keep_tokens
         per_token = float(plan.keep_experts)
         if plan.threshold is not None:
             if experts_per_token is None or si not in experts_per_token:

@@ -59,6 +59,7 @@ class ScalePlan:
     keep_experts: int  # K_w with the router rule; the expert count when dense or thresholded
     threshold: float | None  # tau_s of the threshold rule
     guided: bool  # conditional and unconditional rows (CFG), or the conditional ones only
+    skipped_kv: bool = False  # skipped tokens are keys (not queries) of the blocks that skip them
 
     @property
     def sparse_tokens(self) -> bool:
@@ -114,6 +115,8 @@ class SparsityPolicy:
             )
         if self.guidance_off < 0 or self.skip_last < 0:
             raise ConfigError("guidance_off and skip_last count scales: 0 or more")
+        if self.skipped_kv and self.token_rule == "far-from-mean":
+            raise ConfigError("FastVAR's rule caches the outputs of skipped tokens, not their keys", "drop skipped_kv")
 
     def validate_for(self, cfg: VARConfig) -> None:
         n = len(cfg.patch_nums)
@@ -163,6 +166,7 @@ class SparsityPolicy:
             keep_experts=self.experts_kept(si, num_experts),
             threshold=self.threshold(si) if num_experts else None,
             guided=si < len(patch_nums) - self.guidance_off,
+            skipped_kv=self.skipped_kv,
         )
 
     def generated_scales(self, num_scales: int) -> int:
