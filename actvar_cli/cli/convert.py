@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, execute, handled, show
-from .options import Config, Device, Json, NumHeads, Scales, TokenRate, TokenRates, Vae, WeightRate
+from .options import Config, Device, Dtype, Json, NumHeads, Scales, TokenRate, TokenRates, Vae, WeightRate
 from .parsing import policy_flags, request
 from .render import err, kv_table, out
 
@@ -96,3 +96,50 @@ def quantize(
         out.print(kv_table(f"quantized model written to {output}", rows))
 
     show(result, as_json, table)
+
+
+@app.command()
+def tune(
+    base: str = typer.Argument(..., help="The dense VAR the stacks are made from (a file, an official name, or tiny)."),
+    output: Path = typer.Option(..., "--out", help="Where to write the chosen model (.safetensors)."),
+    ref: str = typer.Option(..., help="The yardstick: shapes, a folder, or an ADM .npz."),
+    max_fid_ratio: float = typer.Option(1.5, help="The cap: FID at most this many times the dense model's."),
+    objective: str = typer.Option("speedup", help="speedup (measured) or flops (saved)."),
+    candidates: list[str] = typer.Option([], "--candidates", help="A distilled ActVAR model to try (repeatable)."),
+    num: int = typer.Option(200, help="Samples per fully evaluated stack (FID, class accuracy)."),
+    max_evals: int = typer.Option(12, help="Stacks that get the full yardstick."),
+    time_limit: float = typer.Option(15.0, help="Minutes the search may take; it stops there, and resumes."),
+    batch_size: int = typer.Option(8, help="Images per timed generation."),
+    repeats: int = typer.Option(5, help="Timed runs per stack, interleaved with the dense model's."),
+    seed: int = typer.Option(0, help="Seed of every sample the search makes."),
+    vae: Vae = None,
+    cache: Path | None = typer.Option(None, help="Where evaluated points are kept [ACTVAR_CACHE/tune]."),
+    plot: Path | None = typer.Option(None, help="Write a PNG: measured speedup against FID, the front, the choice."),
+    inception_weights: str | None = typer.Option(None, help="Inception weights file (ImageNet references)."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: Json = False,
+) -> None:
+    """Find the cheapest stack of methods whose FID stays within a cap, and write it as a model.
+
+    Stacks of guidance off, a token rule, an expert rule and scale skipping are ranked on a cheap signal
+    (FLOPs, drift from the dense images); the promising ones get FID, class accuracy and measured speed.
+    Evaluated points are cached: an interrupted search picks up where it stopped.
+
+    Examples: `actvar tune tiny --ref shapes --max-fid-ratio 1.5 --out t.safetensors --json --plot front.png` ·
+    `actvar tune d16 --vae vae --ref VIRTUAL_imagenet256_labeled.npz --inception-weights W.pth --num 5000
+    --candidates runs/s2/model.safetensors --out tuned.safetensors`
+    """
+    from ..commands import tune as cmd
+    from ..measure.tune import TuneSettings
+    from .render import tune_report
+
+    with handled():
+        settings = TuneSettings(
+            ref=ref, max_fid_ratio=max_fid_ratio, objective=objective, num=num, batch_size=batch_size,
+            repeats=repeats, seed=seed, max_evals=max_evals, time_limit_s=time_limit * 60,
+            inception_weights=inception_weights,
+        )  # fmt: skip
+        req = cmd.TuneRequest(base, output, settings, candidates, vae, cache, plot, device, dtype)
+        result = execute(cmd.run, req)
+    show(result, as_json, tune_report)

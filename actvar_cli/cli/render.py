@@ -344,3 +344,29 @@ def compare_table(result: dict[str, Any]) -> None:
     out.print(columns(title, names, body, first_left=True))
     if result.get("plot"):
         out.print(f"plot: {escape(result['plot'])}", highlight=False)
+
+
+def tune_report(r: dict[str, Any]) -> None:
+    points = sorted((p for p in r["points"] if p["fid"] is not None), key=lambda p: -p["speedup"])
+    body = [
+        [
+            ("* " if p["stack"] == r["chosen"] else "") + p["stack"],
+            f"{p['flops_savings']:.1%}",
+            f"{p['speedup']:.2f}x",
+            f"{p['fid']:.2f}",
+            f"{p['fid'] / r['dense_fid']:.2f}",
+            f"{p['class_accuracy']:.1%}" if p["class_accuracy"] is not None else "",
+            f"{p['drift']:.3f}",
+            "yes" if p["stack"] in r["front"] else "",
+        ]
+        for p in points
+    ]
+    names = ["stack", "FLOPs saved", "speedup", "FID", "x dense", "class accuracy", "drift", "front"]
+    title = f"actvar tune: {len(points)} of {len(r['points'])} stacks fully measured (dense FID {r['dense_fid']:.2f})"
+    out.print(columns(title, names, body, first_left=True))
+    if r["chosen"]:
+        out.print(f"chosen: {escape(r['chosen'])} -> {escape(r['output'])}", highlight=False)
+    else:
+        out.print(f"no stack kept FID under {r['cap']:.2f}: nothing written", style="yellow")
+    if r.get("plot"):
+        out.print(f"plot: {escape(r['plot'])}", highlight=False)

@@ -143,7 +143,7 @@ def _files(req: BenchRequest, runtime: Runtime) -> Pair:
     _, info = read_checkpoint(resolve(req.dense))
     if info.var_config is not None:
         check_batches_fit(info.var_config, req.batch_sizes, runtime)
-    sparse = load_models(req.sparse, vae=False, teacher=req.dense, runtime=runtime, actvar=True)
+    sparse = load_models(req.sparse, vae=False, teacher=req.dense, runtime=runtime, sparse=True)
     dense = sparse.teacher
     if req.vae is not None:
         return Pair(dense, sparse.model, vae_for(dense, resolve(req.vae), runtime))

@@ -17,7 +17,7 @@ from ..measure.compare import CompareSettings, measure_methods
 from ..measure.plots import compare_plot
 from ..progress import Progress
 from ..runtime import Runtime
-from ..sparsity.methods import method_policy, parse_method
+from ..sparsity.stacks import parse_stack, stack_policy
 from .loading import check_made_from, load_models
 from .result import Result
 
@@ -63,13 +63,11 @@ def run(req: CompareRequest, progress: Progress | None = None) -> CompareResult:
     twice = sorted({s.strip() for s in specs if [t.strip() for t in specs].count(s.strip()) > 1})
     if twice:
         raise ConfigError(f"--methods lists {', '.join(twice)} more than once", "name each method once")
-    for spec in specs:  # every name and parameter checked before any work
-        family, arg = parse_method(spec)
-        if family != "dense":
-            method_policy(family, arg, len(base.model.cfg.patch_nums))
+    for spec in specs:  # every name, parameter and stack checked before any work
+        stack_policy(parse_stack(spec), len(base.model.cfg.patch_nums))
 
     def load_actvar(path: str):
-        student = load_models(path, vae=False, runtime=runtime, actvar=True)
+        student = load_models(path, vae=False, runtime=runtime, sparse=True)
         check_made_from(student.info, student.model, base.model, base.source)
         return student.model
 

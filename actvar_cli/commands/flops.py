@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
 from ..models.checkpoint import read_checkpoint
 from ..models.config import arch_config, check_expert_count, official_var_config
 from ..sparsity.flops import FlopsReport, count_flops, paper_eq12_savings
-from ..sparsity.methods import method_policy, parse_method
 from ..sparsity.policy import SparsityPolicy
+from ..sparsity.stacks import parse_stack, stack_policy
 from ..train.recipes import Recipe, with_policy_flags
 from .loading import resolve
 from .result import Result
@@ -66,12 +66,17 @@ def run(req: FlopsRequest) -> FlopsResult:
     if req.experts is not None:
         check_expert_count(cfg.ffn_dim, req.experts)
     if req.method is not None:
-        family, arg = parse_method(req.method)
-        policy = method_policy(family, arg, len(cfg.patch_nums), stored)
+        policy = stack_policy(parse_stack(req.method), len(cfg.patch_nums), stored) or SparsityPolicy.dense()
     else:
         base = Recipe().override(scales=_last_two(cfg))
         base = base.with_policy(stored) if stored is not None else base
-        policy = with_policy_flags(base, **req.policy_flags).policy()
+        rates = with_policy_flags(base, **req.policy_flags).policy()
+        # the stored policy's rules (token rule, guidance, skipped keys) stay; the flags change scales and rates
+        policy = rates
+        if stored is not None:
+            kept = stored.thresholds if rates.scales == stored.scales else ()
+            policy = replace(stored, scales=rates.scales, token_rates=rates.token_rates,
+                             weight_rates=rates.weight_rates, thresholds=kept)  # fmt: skip
     return FlopsResult(report=count_flops(cfg.replace(num_experts=0), policy, req.experts or cfg.num_experts or 16))
 
 

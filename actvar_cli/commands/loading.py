@@ -70,18 +70,22 @@ def load_models(
     runtime: Runtime = CPU,
     num_heads: int | None = None,
     actvar: bool = False,
+    sparse: bool = False,
 ) -> Loaded:
     """Load ``model`` and, as asked, its VQVAE and teacher onto ``runtime.device``.
 
     ``vae``: a name, None (the one the model records, else the cached official one) or False
     (no VQVAE). ``teacher``: a name, ``auto`` (the base the model records) or None (none).
-    ``actvar``: the model must be an ActVAR model.
+    ``actvar``: the model must be an ActVAR model; ``sparse``: it must carry a sparsity policy (an
+    ActVAR model, or another method's or stack's model file).
     """
     source = resolve(model)
     sd, info = read_checkpoint(source, num_heads)
     require_var(info)
     if actvar and info.kind != "actvar":
         raise ConfigError(f"{model} is a dense VAR, not an ActVAR model", "convert it first with `actvar moefy`")
+    if sparse and info.policy is None:
+        raise ConfigError(f"{model} is a dense VAR with no sparsity policy", "make one with `actvar moefy`")
     loaded = Loaded(build_var_from_state_dict(sd, info), info, source)
     if vae is not False:
         loaded.vae_source = find_vae(info.metadata, vae or None)

@@ -23,7 +23,7 @@ from ..models.vqvae import VQVAE
 from ..progress import Progress
 from ..quant.apply import file_scheme, refuse_quantized
 from ..runtime import Runtime
-from ..sparsity.methods import parse_method
+from ..sparsity.stacks import parse_stack, stack_policy
 from ..train.recipes import pick_recipe, with_policy_flags
 from .loading import Loaded, find_vae, load_models, resolve, vae_for
 from .result import Result
@@ -65,10 +65,9 @@ def run(req: MoefyRequest, progress: Progress | None = None) -> MoefyResult:
     output = Path(req.output)
     source = resolve(req.source)
     check_output_file(output, (".safetensors",), (source,))
-    if req.method:
-        family, _ = parse_method(req.method)
-        if family not in CONVERTED:
-            raise ConfigError(f"{family} runs the dense model itself: nothing to convert", "run it with actvar compare")
+    stack = parse_stack(req.method) if req.method else None
+    if stack is not None and (stack.families == ("dense",) or stack.model_file):
+        raise ConfigError(f"--method {req.method}: moefy makes a model from the dense one", "compare runs model files")
     refuse_quantized(file_scheme(source), req.source, "give the float VAR it was quantized from")
     runtime = Runtime.pick(req.device)
     loaded = load_models(source, vae=False, runtime=runtime, num_heads=req.num_heads)
@@ -76,8 +75,9 @@ def run(req: MoefyRequest, progress: Progress | None = None) -> MoefyResult:
     vae_source = _calibration_vae(loaded, req.vae)
     needs_vae = opts.calib_images > 0 and vae_source is not None
     vae = vae_for(loaded.model, vae_source, runtime) if needs_vae else None
-    if req.method:
-        if vae is None:
+    if stack is not None:
+        stack_policy(stack, len(loaded.model.cfg.patch_nums))  # a stack that cannot hold: refused before work
+        if vae is None and any(f in CONVERTED for f in stack.families):
             raise ConfigError(f"--method {req.method} fits its router or selector on calibration tokens", "pass --vae")
         model, report = _method_model(req.method, loaded.model, vae, opts, runtime)
     else:
@@ -86,7 +86,7 @@ def run(req: MoefyRequest, progress: Progress | None = None) -> MoefyResult:
     if req.method:
         meta["method"] = req.method
     save_model(model, output, meta)
-    return MoefyResult(str(output), model.policy.to_dict(), meta)
+    return MoefyResult(str(output), model.policy.to_dict() if model.policy else None, meta)
 
 
 def _options(req: MoefyRequest, dense: VAR) -> MoefyOptions:

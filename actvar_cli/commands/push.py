@@ -39,8 +39,10 @@ def run(req: PushRequest) -> PushResult:
     """Check everything, then write the folder (``dry_run``) or upload it."""
     parse_target(req.repo)
     _, info = read_checkpoint(req.model)
-    if info.kind != "actvar":
-        raise ConfigError(f"{req.model} is not an ActVAR model", "push what `actvar moefy` or distillation wrote")
+    if info.policy is None and info.quantization is None:
+        raise ConfigError(
+            f"{req.model} is a dense VAR, made no cheaper", "push what moefy, quantize or distillation wrote"
+        )
     evals = find_eval_json(req.model, req.eval_json)
     if req.dry_run:
         check_folder_free(Path(req.dry_run), req.model, req.overwrite)

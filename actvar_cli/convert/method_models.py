@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
+from ..quant.apply import quantize_model
 from ..runtime import CPU, Runtime
-from ..sparsity.methods import FAMILIES, last, method_policy, parse_method
+from ..sparsity.methods import FAMILIES, last
 from ..sparsity.policy import SparsityPolicy
+from ..sparsity.stacks import Stack, parse_stack, stack_policy
 from .moefy import MoefyOptions, moefy
 
 # the methods whose model is converted (routers or selectors fitted); the others run the dense model
@@ -44,35 +46,51 @@ class MethodBuilder:
     seed: int = 0
     runtime: Runtime = CPU
     load_actvar: Callable[[str], VAR] | None = None  # reads an ActVAR file made from the dense model
+    _conversions: dict = field(default_factory=dict, repr=False)
 
     def convert(self, policy: SparsityPolicy, router_fit: str = "pseudo-labels") -> VAR:
-        opts = MoefyOptions(
-            num_experts=self.num_experts,
-            policy=policy,
-            calib_images=self.calib_images,
-            seed=self.seed,
-            router_fit=router_fit,
-        )
-        model, _ = moefy(copy.deepcopy(self.dense), self.vae, opts, runtime=self.runtime)
+        """The dense model converted for ``policy``. Routers and selectors are fitted to the sparse
+        scales' positions, not to the rates: one conversion per (router fit, scales) serves every rate."""
+        key = (router_fit, tuple(policy.scales))
+        if key not in self._conversions:
+            opts = MoefyOptions(
+                num_experts=self.num_experts,
+                policy=policy,
+                calib_images=self.calib_images,
+                seed=self.seed,
+                router_fit=router_fit,
+            )
+            self._conversions[key], _ = moefy(copy.deepcopy(self.dense), self.vae, opts, runtime=self.runtime)
+        model = copy.copy(self._conversions[key])  # the same modules, its own policy
+        model.policy = policy
         return model
 
     def build(self, spec: str) -> Method:
-        family, arg = parse_method(spec)
-        model, policy = self._model_and_policy(family, arg, len(self.dense.cfg.patch_nums))
+        """One method or a stack (``a+b``): its model, built once, and its merged policy."""
+        stack = parse_stack(spec)
+        S = len(self.dense.cfg.patch_nums)
+        model = self._model(stack, S)
+        policy = stack_policy(stack, S, model.policy if model is not self.dense else None)
         if policy is not None:
             policy.check_runnable(model.cfg)
-        return Method(spec.strip(), family, model, policy, FAMILIES[family][1])
+        if stack.quantization:
+            model = copy.deepcopy(model) if model is self.dense else model
+            quantize_model(model, stack.quantization)
+        what = FAMILIES[stack.single][1] if stack.single != "stack" else "a stack of " + ", ".join(stack.families)
+        return Method(stack.name, stack.single, model, policy, what)
 
-    def _model_and_policy(self, family: str, arg: str | None, S: int):
-        if family == "dense":
-            return self.dense, None
-        if family.startswith("actvar"):
-            if arg and self.load_actvar is None:
-                raise ConfigError(f"{family}:{arg} names a model file, and none can be read here")
-            model = self.load_actvar(arg) if arg else self.convert(SparsityPolicy(scales=last(S, 2)))
-            return model, method_policy(family, arg, S, model.policy)
-        policy = method_policy(family, arg, S)
-        if family in CONVERTED:
-            fit = {"static-experts": "static", "dmoe": "norms"}.get(family, "pseudo-labels")
-            return self.convert(policy, router_fit=fit), policy
-        return self.dense, policy
+    def _model(self, stack: Stack, S: int) -> VAR:
+        """The dense model itself, an ActVAR file, or one conversion fitted for the whole stack."""
+        converting = [f for f in stack.families if f in CONVERTED]
+        if stack.model_file is not None:
+            if self.load_actvar is None:
+                raise ConfigError(f"{stack.name} names a model file, and none can be read here")
+            refit = [f for f in converting if f in ("static-experts", "dmoe")]
+            if refit:
+                raise ConfigError(f"{stack.name}: {refit[0]} fits its own router, and the model file has one")
+            return self.load_actvar(stack.model_file)
+        if not converting:
+            return self.dense
+        fits = {"static-experts": "static", "dmoe": "norms"}
+        fit = next((fits[f] for f in converting if f in fits), "pseudo-labels")
+        return self.convert(stack_policy(stack, S) or SparsityPolicy(scales=last(S, 2)), router_fit=fit)

@@ -14,6 +14,7 @@ from ..errors import CheckpointError, ConfigError, OutputError
 from ..files import atomic_path, atomic_write_text, sha256_file
 from ..models.checkpoint import CheckpointInfo, stored_json
 from ..sparsity.flops import count_flops
+from ..sparsity.methods import FAMILIES
 from .download import MODEL_FILE, OFFICIAL_REPO, DownloadTarget, check_reachable, endpoint, hub_error, quiet_retries
 
 
@@ -54,17 +55,34 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
+def _intro(summary: dict) -> str:
+    base = f"`{summary['base_checkpoint']}` from [{OFFICIAL_REPO}](https://huggingface.co/{OFFICIAL_REPO})"
+    if summary.get("method"):
+        what = f"`{summary['base_checkpoint']}` made cheaper by the stack `{summary['method']}`"
+        return f"A version of {base}, {what} (`actvar moefy --method`)."
+    if summary["experts"]:
+        return (
+            f"An **ActVAR** version of {base}: every FFN is split into {summary['experts']} experts chosen per "
+            "token by a router, and a gated token selector lets only the most useful tokens through each block "
+            "at the largest scales (ActVAR, Zhang et al.)."
+        )
+    return f"A version of {base}."
+
+
 def _card_text(repo_id: str, summary: dict, savings_rows: list[tuple], evals: dict | None, training: list) -> str:
-    policy = summary["policy"]
+    policy = summary["policy"] or {"scales": [], "token_rates": [], "weight_rates": []}
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"An **ActVAR** version of `{summary['base_checkpoint']}` from "
-        f"[{OFFICIAL_REPO}](https://huggingface.co/{OFFICIAL_REPO}): every FFN is split into "
-        f"{summary['experts']} experts chosen per token by a router, and a gated token selector lets only "
-        "the most useful tokens through each block at the largest scales (ActVAR, Zhang et al.). "
-        "It was made with [actvar](https://github.com/) and keeps the upstream VAR state-dict names.",
+        _intro(summary) + " It was made with [actvar](https://github.com/) and keeps the upstream VAR "
+        "state-dict names.",
         "",
+    ]
+    if summary.get("method") or summary.get("quantization"):
+        lines += ["## Method", "", "| part | what |", "|---|---|"]
+        lines += [f"| `{part}` | {FAMILIES.get(part.split(':')[0], ('', ''))[1]} |" for part in summary["parts"]]
+        lines += [""]
+    lines += [
         "## Policy",
         "",
         "| scale | token rate | weight rate |",
@@ -118,15 +136,24 @@ def write_push_folder(
             shutil.copyfile(model_path, tmp)
     cfg = info.var_config
     report = count_flops(cfg.replace(num_experts=0), info.policy, cfg.num_experts)
+    method = info.metadata.get("method", "")
+    parts = method.split("+") if method else []
+    if info.quantization and info.quantization["weights"] not in parts:
+        parts.append(info.quantization["weights"])
     summary = {
         "base_checkpoint": info.metadata.get("base_checkpoint", ""),
         "experts": cfg.num_experts,
-        "policy": info.policy.to_dict(),
+        "policy": info.policy.to_dict() if info.policy else None,
+        "method": method,
+        "parts": parts,
+        "quantization": info.quantization,
     }
     config = {
         "format": "actvar",
         "var_config": cfg.to_dict(),
-        "policy": info.policy.to_dict(),
+        "policy": summary["policy"],
+        "method": method or None,
+        "quantization": info.quantization,
         "experts": cfg.num_experts,
         "split": info.metadata.get("split"),
         "base_model": OFFICIAL_REPO,

@@ -10,6 +10,16 @@ import numpy as np
 from ..files import atomic_write_with
 
 
+def _pyplot():
+    """matplotlib's pyplot without a display (imported here only: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (lower is better on both)."""
     front = []
@@ -32,11 +42,7 @@ def short_name(method: str) -> str:
 def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) -> Path:
     """Two panels: quality (FID with a reference, else KL to the dense model) against seconds per
     batch and against GFLOPs per image; the Pareto front of each panel drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     key, label = ("fid", "FID (lower is better)") if ref and all("fid" in r for r in rows) else ("kl", "KL to dense")
     quality = [r[key] for r in rows]
     axes_data = [
@@ -81,11 +87,7 @@ def compare_plot(rows: list[dict[str, Any]], path: str | Path, ref: str | None) 
 def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
     """One panel per benchmark point timed by scale: each scale's step, dense and ActVAR, beside the
     time the ActVAR step would take at its FLOPs ratio; the gap between the last two is the loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     cols = min(2, len(points))
     rows_n = -(-len(points) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), constrained_layout=True, squeeze=False)
@@ -111,5 +113,33 @@ def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
         ax.legend(fontsize=8, loc="upper left")
     path = Path(path)
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+def tune_plot(
+    points: list[dict[str, Any]], path: str | Path, *, cap: float, dense_fid: float, chosen: str | None
+) -> Path:
+    """Measured speedup against FID of every fully evaluated stack: the cap, the front, the choice."""
+    plt = _pyplot()
+    done = [p for p in points if p.get("fid") is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
+    xs, ys = [p["fid"] for p in done], [p["speedup"] for p in done]
+    front = pareto_front([(x, -y) for x, y in zip(xs, ys)])
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:green", lw=2, label="front")
+    ax.scatter(xs, ys, s=30, color="tab:blue", zorder=2)
+    ax.scatter([dense_fid], [1.0], s=60, color="black", zorder=3, label="dense")
+    for p, x, y in zip(done, xs, ys):
+        ax.annotate(p["stack"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if p["stack"] == chosen:
+            ax.scatter([x], [y], s=220, marker="*", color="tab:red", zorder=4, label="chosen")
+    ax.axvline(cap, color="tab:red", ls="--", lw=1, label=f"cap (FID {cap:.2f})")
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("measured speedup over dense")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("actvar tune: every fully evaluated stack")
+    path = Path(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

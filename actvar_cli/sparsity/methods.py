@@ -6,6 +6,8 @@ needs only their policies.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import ConfigError
 from .policy import SparsityPolicy
 
@@ -22,12 +24,18 @@ FAMILIES: dict[str, tuple[str | None, str]] = {
     "skip-last": ("1", "stop before the last N scales and decode what is there"),
     "cfg-off": ("2", "no classifier-free guidance at the last N scales"),
     "ear": ("0.75", "EAR's centre-outward order as a fixed token priority at the last two scales (rate)"),
+    "skipped-kv": (None, "in a stack: skipped tokens stay keys of the blocks that skip them (docs/actvar.md)"),
+    "int8": (None, "in a stack: int8 weights, per output channel (actvar quantize)"),
+    "int4": (None, "in a stack: int4 weights, in groups of 128 inputs (actvar quantize)"),
 }
 DMOE_RAMP = (0.5, 0.75, 1.0)  # tau_s over the last three scales, growing with resolution
 
 
 def parse_method(spec: str) -> tuple[str, str | None]:
+    """One part: ``family`` or ``family:parameter``."""
     family, sep, arg = spec.strip().partition(":")
+    if family in ("skipped-kv", "int8", "int4", "dense") and sep:
+        raise ConfigError(f"{family} takes no parameter (got {spec!r})")
     if family not in FAMILIES:
         raise ConfigError(f"unknown method {family!r}", f"use one of {', '.join(FAMILIES)}")
     if sep and not arg:
@@ -61,10 +69,10 @@ def method_policy(family: str, arg: str | None, S: int, actvar_policy: SparsityP
     two, three = last(S, 2), last(S, 3)
     if family.startswith("actvar"):
         p = actvar_policy or SparsityPolicy(scales=two)
-        if family == "actvar-tokens":
-            return SparsityPolicy(scales=p.scales, token_rates=p.token_rates, weight_rates=(1.0,))
+        if family == "actvar-tokens":  # Table 3: the model's own token rule, every expert
+            return dataclasses.replace(p, weight_rates=(1.0,) * len(p.scales), expert_rule="router", thresholds=())
         if family == "actvar-experts":
-            return SparsityPolicy(scales=p.scales, token_rates=(1.0,), weight_rates=p.weight_rates)
+            return dataclasses.replace(p, token_rates=(1.0,) * len(p.scales), skipped_kv=False)
         return p
     if family == "static-experts":
         return SparsityPolicy(scales=two, token_rates=(1.0,), weight_rates=_fractions(family, arg, 2))

@@ -153,9 +153,10 @@ class SparsityPolicy:
         return max(1, min(num_experts, round(rates[si][1] * num_experts)))
 
     def threshold(self, si: int) -> float | None:
+        """tau_s of the threshold rule at scale ``si``; None where every expert runs (tau 0 included)."""
         if self.expert_rule != "threshold" or si + 1 not in self.scales:
             return None
-        return self.thresholds[self.scales.index(si + 1)]
+        return self.thresholds[self.scales.index(si + 1)] or None
 
     def plan(self, si: int, patch_nums: tuple[int, ...], num_experts: int) -> ScalePlan:
         n = patch_nums[si] ** 2

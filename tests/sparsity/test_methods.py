@@ -20,6 +20,8 @@ pytestmark = pytest.mark.shared  # the parity model: 10 scales, like the officia
 
 METHODS = ["dense", "actvar", "actvar-tokens", "actvar-experts", "static-experts:0.5", "fixed-tokens:0.5",
            "fastvar:0.5", "dmoe:0.5", "skip-last:1", "cfg-off:2", "ear:0.5"]  # fmt: skip
+STACKS = ["cfg-off:1+fastvar:0.5", "dmoe:0.5+fixed-tokens:0.5+skipped-kv", "fixed-tokens:0.5+skipped-kv",
+          "actvar+cfg-off:1", "static-experts:0.5+ear:0.5+cfg-off:1", "fastvar:0.25+int8"]  # fmt: skip
 NO_OP = ["static-experts:1", "fixed-tokens:1", "fastvar:0", "dmoe:0", "skip-last:0", "cfg-off:0", "ear:1"]
 
 
@@ -38,7 +40,7 @@ def run(method, vae, labels=(3, 500), opts=SamplingOptions(), **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", METHODS)
+@pytest.mark.parametrize("spec", METHODS + STACKS)
 def test_each_method_counts_its_flops_as_torch_does(builder, d2, spec):
     _, vae = d2
     m = builder.build(spec)

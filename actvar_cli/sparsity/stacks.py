@@ -1,0 +1,123 @@
+"""Stacks: several methods at once, written ``a+b+c`` wherever a method is accepted.
+
+Each part acts on its own share of the work: a token rule on some scales' tokens, an expert rule on
+their FFNs, guidance off at the last scales, the last scales skipped, the weights quantized, and the
+keys and values of skipped tokens kept. A stack's policy is the parts' policies merged scale by
+scale; a stack that cannot hold is refused in one line before any model is built:
+
+* two parts that prune tokens, or two that prune experts (one rule of each kind per stack);
+* skipping a scale that another part prunes;
+* a part listed twice, two quantizations, or ``skipped-kv`` without a token rule (or with FastVAR's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .methods import method_policy, parse_method
+from .policy import SparsityPolicy
+
+QUANT_PARTS = ("int8", "int4")  # weights quantized after the model is built (actvar quantize)
+FLAG_PARTS = ("skipped-kv",)  # changes how the stack's token rule treats skipped tokens
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A method or a stack of them: its parts as (family, parameter), in the order written."""
+
+    name: str
+    parts: tuple[tuple[str, str | None], ...]
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(f for f, _ in self.parts)
+
+    @property
+    def quantization(self) -> str | None:
+        return next((f for f in self.families if f in QUANT_PARTS), None)
+
+    @property
+    def model_file(self) -> str | None:
+        """The ActVAR file a part names (``actvar:PATH``), if any."""
+        return next((a for f, a in self.parts if f == "actvar" and a), None)
+
+    @property
+    def policy_parts(self) -> tuple[tuple[str, str | None], ...]:
+        return tuple((f, a) for f, a in self.parts if f not in QUANT_PARTS + FLAG_PARTS + ("dense",))
+
+    @property
+    def single(self) -> str:
+        """The family of a one-part stack, else ``stack``."""
+        return self.families[0] if len(self.parts) == 1 else "stack"
+
+
+def parse_stack(spec: str) -> Stack:
+    """``fastvar:0.5``, ``cfg-off:1+fixed-tokens:0.75+skipped-kv``, ``actvar:PATH+int8``, ..."""
+    pieces = [p.strip() for p in spec.split("+")]
+    if not spec.strip() or any(not p for p in pieces):
+        raise ConfigError(f"method {spec!r} has an empty part", "write parts joined by +, e.g. cfg-off:1+fastvar:0.25")
+    parts = tuple(parse_method(p) for p in pieces)
+    families = [f for f, _ in parts]
+    twice = sorted({f for f in families if families.count(f) > 1})
+    if twice:
+        raise ConfigError(f"{spec}: {', '.join(twice)} appears more than once", "give each part once")
+    if len(parts) > 1 and "dense" in families:
+        raise ConfigError(f"{spec}: dense is the reference, not a part of a stack")
+    if sum(f in QUANT_PARTS for f in families) > 1:
+        raise ConfigError(f"{spec}: one weight quantization per stack (int8 or int4)")
+    return Stack(spec.strip(), parts)
+
+
+def stack_policy(stack: Stack, num_scales: int, model_policy: SparsityPolicy | None = None) -> SparsityPolicy | None:
+    """The policy of every part, merged scale by scale (None for the plain dense model)."""
+    parts = [(f, method_policy(f, a, num_scales, model_policy)) for f, a in stack.policy_parts]
+    if not parts:
+        if "skipped-kv" in stack.families:
+            raise ConfigError(f"{stack.name}: skipped-kv changes a token rule, and the stack has none")
+        return None if model_policy is None else model_policy
+    merged = _merge(stack.name, parts, num_scales)
+    if "skipped-kv" in stack.families:
+        if not any(r < 1 for r in merged.token_rates) or merged.token_rule == "far-from-mean":
+            raise ConfigError(f"{stack.name}: skipped-kv needs a token rule that skips tokens (not FastVAR's)")
+        merged = dataclasses.replace(merged, skipped_kv=True)
+    return merged
+
+
+def _merge(name: str, parts: list[tuple[str, SparsityPolicy]], S: int) -> SparsityPolicy:
+    tokens = [(f, p) for f, p in parts if any(r < 1 for r in p.token_rates)]
+    experts = [(f, p) for f, p in parts if p.expert_rule == "threshold" or any(r < 1 for r in p.weight_rates)]
+    for kind, found in (("prune tokens", tokens), ("prune experts", experts)):
+        if len(found) > 1:
+            raise ConfigError(f"{name}: {' and '.join(f for f, _ in found)} both {kind}", "keep one of them")
+    token_part, expert_part = (tokens[0][1] if tokens else None), (experts[0][1] if experts else None)
+    scales = sorted({s for _, p in (tokens + experts) for s in p.scales})
+    guidance = [p.guidance_off for _, p in parts if p.guidance_off]
+    skip = max((p.skip_last for _, p in parts), default=0)
+    if skip and any(s > S - skip for s in scales):
+        raise ConfigError(f"{name}: it skips the last {skip} scale(s), which another part prunes", "drop one")
+    return SparsityPolicy(
+        scales=tuple(scales),
+        token_rates=tuple(_rate(token_part, s, "token_rates") for s in scales) or (),
+        weight_rates=tuple(_rate(expert_part, s, "weight_rates") for s in scales) or (),
+        token_rule=token_part.token_rule if token_part else "selector",
+        expert_rule=expert_part.expert_rule if expert_part else "router",
+        thresholds=_thresholds(expert_part, scales),
+        guidance_off=max(guidance, default=0),
+        skip_last=skip,
+        skipped_kv=bool(token_part and token_part.skipped_kv),
+    )
+
+
+def _rate(part: SparsityPolicy | None, scale: int, field: str) -> float:
+    if part is None or scale not in part.scales:
+        return 1.0
+    return getattr(part, field)[part.scales.index(scale)]
+
+
+def _thresholds(part: SparsityPolicy | None, scales: list[int]) -> tuple[float, ...]:
+    """tau_s of the threshold rule at each merged scale; 0 (every expert) where it does not act."""
+    if part is None or part.expert_rule != "threshold":
+        return ()
+    return tuple(part.thresholds[part.scales.index(s)] if s in part.scales else 0.0 for s in scales)
