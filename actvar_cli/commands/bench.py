@@ -168,7 +168,7 @@ def random_pair(arch: str, vae: str | None, runtime: Runtime) -> Pair:
 def _default_vae(cfg, runtime: Runtime) -> tuple[Any, str]:
     """tiny's own VQVAE for tiny; otherwise one of the right shape with random weights (the decode
     is timed once per model, and its time does not depend on the weights)."""
-    if cfg.replace(num_experts=0) == arch_config(BUILTIN_NAME):
+    if cfg.dense == arch_config(BUILTIN_NAME):
         return load_vae(BUILTIN_NAME, cfg.patch_nums)[0].to(runtime.device), ""
     vae_cfg = VAEConfig(patch_nums=cfg.patch_nums)
     return random_vae(vae_cfg).to(runtime.device), f"decode timed with a random-weight VQVAE (ch={vae_cfg.ch})"

@@ -145,7 +145,7 @@ def recorded_base_id(metadata: Mapping[str, str]) -> str | None:
 def check_made_from(info: CheckpointInfo, student: VAR, teacher: VAR, teacher_source: str) -> None:
     """The teacher (or dense base) must be the model the student was made from: the same
     architecture, and the very file whose sha256 the student recorded."""
-    if teacher.cfg != student.cfg.replace(num_experts=0):
+    if teacher.cfg != student.cfg.dense:
         raise ConfigError(f"{teacher_source} does not have the architecture of {info.name}")
     recorded = recorded_base_id(info.metadata)
     actual = source_id(teacher_source)

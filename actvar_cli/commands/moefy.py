@@ -99,6 +99,7 @@ def _options(req: MoefyRequest, dense: VAR) -> MoefyOptions:
         policy=recipe.policy(),
         calib_images=recipe.calib_images,
         seed=req.seed,
+        router_target=recipe.router_target,
     )
 
 

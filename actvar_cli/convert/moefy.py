@@ -46,6 +46,7 @@ class MoefyOptions:
     ridge: float = 1e-3  # relative ridge strength (times the mean diagonal of X^T X)
     seed: int = 0
     router_fit: str = "pseudo-labels"  # pseudo-labels (ActVAR) | norms (D2DMoE) | static (Table 5)
+    router_target: str = "distance"  # ActVAR's pseudo-labels: experts closest to the FFN, or largest (norm)
 
 
 @dataclass
@@ -199,8 +200,11 @@ def init_from_calibration(model: VAR, calib: Calibration, opts: MoefyOptions, re
         if opts.router_fit != "pseudo-labels":
             fit_other_router(block, calib.ffn_in[i], opts, report)
             continue
-        # router: logits that rank experts as the stage-1 pseudo-labels do (closest to the FFN first)
-        target = standardize(-expert_distances(block.ffn, calib.ffn_in[i], N), dim=1)
+        # router: logits that rank experts as the stage-1 pseudo-labels do
+        if opts.router_target == "norm":
+            target = standardize(expert_norms(block.ffn, calib.ffn_in[i], N), dim=1)
+        else:
+            target = standardize(-expert_distances(block.ffn, calib.ffn_in[i], N), dim=1)
         w, b, r2 = ridge_fit(calib.ffn_in[i], target, opts.ridge)
         block.ffn.router.weight.data.copy_(w)
         block.ffn.router.bias.data.copy_(b)

@@ -117,7 +117,7 @@ def training_plan(
     plan.components["student"] = params * FP32_MASTER
     plan.components["gradients"] = trainable * FP32_MASTER
     plan.components["adamw_state"] = 2 * trainable * FP32_MASTER
-    plan.components["teacher"] = var_parameters(cfg.replace(num_experts=0)) * FP32_MASTER
+    plan.components["teacher"] = var_parameters(cfg.dense) * FP32_MASTER
     per_block = B * L * (8 * C + 2 * cfg.ffn_dim) * act + B * cfg.num_heads * L * L * 4
     plan.components["activations"] = cfg.depth * per_block + 3 * B * L * cfg.vocab_size * 4  # + logits, softmax
     plan.notes["activations"] = f"stage {stage}: kept for backpropagation, one process, batch {batch_size}"

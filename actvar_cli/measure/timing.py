@@ -248,7 +248,7 @@ def scale_table(
 
 
 COMPONENT_FLOPS = {  # which FLOPs counter components each timed component runs
-    "attention": ("qkv", "attention", "proj"),
+    "attention": ("qkv", "attention", "proj", "deltas"),
     "ffn": ("ffn", "router"),
     "select": ("selector",),
     "head": ("head",),

@@ -93,6 +93,7 @@ class VARConfig:
     attn_l2_norm: bool = True
     norm_eps: float = 1e-6
     num_experts: int = 0
+    delta_rank: int = 0  # rank of the sparse-scale deltas stage 2 trains (models/deltas.py); 0: none
     vae_stride: int = VAE_PATCH_SIZE  # pixels per last-scale token of the VQVAE it was trained with
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class VARConfig:
             _check_int(name, getattr(self, name), low=1)
         _check_int("ffn_dim", self.ffn_dim, low=0)
         _check_int("num_experts", self.num_experts, low=0)
+        _check_int("delta_rank", self.delta_rank, low=0, high=4096)
         if not self.patch_nums or not all(isinstance(p, int) and 0 < p <= 4096 for p in self.patch_nums):
             raise ValueError(f"patch_nums {self.patch_nums!r} must be positive integers")
         if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and 0 < self.norm_eps < 1):
@@ -143,6 +145,11 @@ class VARConfig:
 
     def replace(self, **changes: Any) -> VARConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def dense(self) -> VARConfig:
+        """The dense architecture an ActVAR model was made from: no experts, no deltas."""
+        return self.replace(num_experts=0, delta_rank=0)
 
 
 REFERENCE_VAE_CONFIG = VAEConfig(
@@ -278,6 +285,7 @@ def infer_var_config(
             raise ConfigError(f"--num-heads {num_heads} contradicts the checkpoint, which has {stored_heads} heads")
         num_heads = stored_heads
     num_experts = _shape(sd, "blocks.0.ffn.router.weight")[0] if "blocks.0.ffn.router.weight" in keys else 0
+    delta_rank = _shape(sd, "delta_head.A")[0] if "delta_head.A" in keys else 0
     return VARConfig(
         depth=depth,
         embed_dim=width,
@@ -290,6 +298,7 @@ def infer_var_config(
         shared_aln="shared_ada_lin.1.weight" in keys,
         attn_l2_norm=attn_l2_norm,
         num_experts=num_experts,
+        delta_rank=delta_rank,
     )
 
 

@@ -12,6 +12,7 @@ each block the scale's plan, and ``forward_train`` expresses the same choices as
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..errors import ConfigError
 from ..sparsity import blocks as sparse
 from ..sparsity.policy import SparseSegment, SparsityPolicy
 from .config import VARConfig
+from .deltas import LowRankDelta, ScaleSwitch
 
 
 class FFN(nn.Module):
@@ -113,11 +115,15 @@ class SelfAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
+        self.delta_qkv: LowRankDelta | None = None  # sparse-scale deltas (models/deltas.py), when trained
+        self.delta_proj: LowRankDelta | None = None
+        self.switch = ScaleSwitch()  # replaced by the model's own, which says where the deltas act
 
     def qkv(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = self.switch.apply(F.linear(x_BLC, self.mat_qkv.weight, bias), x_BLC, self.delta_qkv)
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, L, c
         if self.attn_l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
@@ -140,7 +146,8 @@ class SelfAttention(nn.Module):
             if query_idx_BK is not None:
                 q = q.gather(2, query_idx_BK[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # B, H, Lq, c
-            return self.proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+            out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)  # B, Lq, C
+            return self.switch.apply(self.proj(out), out, self.delta_proj)
 
 
 class Modulation(NamedTuple):
@@ -243,6 +250,7 @@ class TrainOutput:
     hidden: list[torch.Tensor]  # per block output, B, L, C
     aux: list[sparse.BlockAux]
     cond: torch.Tensor  # what every block is conditioned on (B, C, or B16C with shared AdaLN)
+    choice_logits: torch.Tensor | None = None  # the fixed rule's one choice: block 0's selector (B, n)
 
 
 def derived_buffers(cfg: VARConfig) -> dict[str, torch.Tensor]:
@@ -284,6 +292,12 @@ class VAR(nn.Module):
 
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
+        self.delta_head: LowRankDelta | None = None
+        self.switch = ScaleSwitch()
+        for b in self.blocks:
+            b.attn.switch = self.switch
+        if cfg.delta_rank:
+            self._make_deltas(cfg.delta_rank)
         self.policy: SparsityPolicy | None = None  # how generation runs it by default (ActVAR models)
         if not self.pos_1LC.is_meta:
             for p in (self.pos_start, self.pos_1LC):
@@ -293,6 +307,28 @@ class VAR(nn.Module):
     def is_actvar(self) -> bool:
         return self.cfg.num_experts > 0
 
+    def _make_deltas(self, rank: int) -> None:
+        C = self.cfg.embed_dim
+        for b in self.blocks:
+            b.attn.delta_qkv, b.attn.delta_proj = LowRankDelta(C, 3 * C, rank), LowRankDelta(C, C, rank)
+        self.delta_head = LowRankDelta(C, self.cfg.vocab_size, rank)
+
+    def add_deltas(self, rank: int) -> list[nn.Parameter]:
+        """Sparse-scale deltas of ``rank`` (stage 2 trains them); zero until trained. Returns them."""
+        if not self.cfg.delta_rank:
+            self._make_deltas(rank)
+            self.to(self.head.weight.device)
+            self.cfg = self.cfg.replace(delta_rank=rank)
+        return [p for n, p in self.named_parameters() if ".delta_" in n or n.startswith("delta_")]
+
+    @contextlib.contextmanager
+    def deltas_at(self, where: str | torch.Tensor | None):
+        old, self.switch.where = self.switch.where, (where if self.cfg.delta_rank else None)
+        try:
+            yield
+        finally:
+            self.switch.where = old
+
     # -- shared pieces -----------------------------------------------------------------
 
     def lvl_pos(self) -> torch.Tensor:
@@ -300,7 +336,8 @@ class VAR(nn.Module):
 
     def logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         with component("head"):
-            return self.head(self.head_nm(h.float(), cond_BD).float()).float()
+            h = self.head_nm(h.float(), cond_BD).float()
+            return self.switch.apply(self.head(h), h, self.delta_head).float()
 
     def sparse_segments(self, policy: SparsityPolicy | None) -> list[SparseSegment]:
         if policy is None or not self.is_actvar:
@@ -340,13 +377,19 @@ class VAR(nn.Module):
             raise ConfigError(
                 f"the {policy.token_rule}/{policy.expert_rule} rules are training-free", "do not distil them"
             )
+        segments = self.sparse_segments(policy)
+        where = (self.lvl_1L[0] >= segments[0].scale_index).float() if segments else None  # L: from the first sparse
+        with self.deltas_at(where):
+            return self._teacher_forcing(label_B, x_BLCv_wo_first_l, policy, segments, collect_aux)
+
+    def _teacher_forcing(self, label_B, x_BLCv_wo_first_l, policy, segments, collect_aux: bool) -> TrainOutput:
         x, cond_BD = self.embed_teacher_forcing(label_B, x_BLCv_wo_first_l)
         cond = self.shared_ada_lin(cond_BD)
         causal = self.attn_bias_for_masking == 0  # 1, 1, L, L bool
-        segments = self.sparse_segments(policy)
         choices = None
         if segments and policy.token_rule in ("fixed", "centre"):
             choices = sparse.fixed_choices(self, x, segments, policy.token_rule)
+        first = next((c for c in choices or [] if c is not None), None)
         hidden, auxes = [], []
         for b in self.blocks:
             if segments:
@@ -359,7 +402,7 @@ class VAR(nn.Module):
             else:
                 x = b(x, cond, causal)
             hidden.append(x)
-        return TrainOutput(self.logits(x, cond_BD), hidden, auxes, cond)
+        return TrainOutput(self.logits(x, cond_BD), hidden, auxes, cond, first.logits if first else None)
 
     # -- generation ----------------------------------------------------------------------
 
@@ -378,6 +421,11 @@ class VAR(nn.Module):
         state: sparse.GenerationState | None = None,
     ) -> torch.Tensor:
         """Run all blocks on scale ``si``'s tokens (with the KV cache); returns logits (B, n, V)."""
+        segments = self.sparse_segments(policy)
+        with self.deltas_at("all" if segments and si >= segments[0].scale_index else None):
+            return self._step(x_BnC, cond_BD, si, cache, policy, state)
+
+    def _step(self, x_BnC, cond_BD, si: int, cache: list[LayerCache], policy, state) -> torch.Tensor:
         cond = self.shared_ada_lin(cond_BD)
         plan = policy.plan(si, self.cfg.patch_nums, self.cfg.num_experts) if policy is not None else None
         dense = plan is None or not (plan.sparse_tokens or plan.sparse_experts(self.cfg.num_experts))

@@ -177,6 +177,7 @@ class TokenChoice:
 
     keep: torch.Tensor  # (B, n) bool
     gate: torch.Tensor  # (B, n): straight-through 0/1 (with block 0's selector gradient for "fixed")
+    logits: torch.Tensor | None = None  # (B, n) the scores it was ranked by (the fixed rule's selector)
 
 
 def fixed_choices(model, x: torch.Tensor, segments, rule: str) -> list[TokenChoice | None]:
@@ -198,7 +199,7 @@ def fixed_choices(model, x: torch.Tensor, segments, rule: str) -> list[TokenChoi
             first = model.blocks[0].selector_logits(x[:, seg.start : seg.end]).view(-1, side, side)
         logits = F.interpolate(first.unsqueeze(1), size=(side, side), mode="bilinear").view(x.shape[0], -1)
         keep = tokens.topk_mask(logits, seg.keep_tokens)
-        out.append(TokenChoice(keep, tokens.straight_through(keep, torch.sigmoid(logits))))
+        out.append(TokenChoice(keep, tokens.straight_through(keep, torch.sigmoid(logits)), logits))
     return out
 
 

@@ -20,7 +20,7 @@ from .policy import ScalePlan, SparsityPolicy
 if TYPE_CHECKING:  # the configuration is read, never built, here
     from ..models.config import VARConfig
 
-COMPONENTS = ("embed", "adaln", "qkv", "attention", "proj", "ffn", "router", "selector", "head", "vae_phi")
+COMPONENTS = ("embed", "adaln", "qkv", "attention", "proj", "ffn", "router", "selector", "head", "vae_phi", "deltas")
 
 
 @dataclass
@@ -105,7 +105,16 @@ def _scale_flops(
         "selector": 2.0 * selector_blocks * rows * n * C,
         "head": 2.0 * rows * n * C * V,
         "vae_phi": 2.0 * cfg.vae_dim * cfg.vae_dim * 9 * hw * hw,  # once per image
+        "deltas": 0.0,
     }
+
+
+def _delta_flops(cfg: VARConfig, plan: ScalePlan) -> float:
+    """The sparse-scale deltas (rank r): x A^T B^T on qkv's and proj's tokens and on the head."""
+    C, r, rows = cfg.embed_dim, cfg.delta_rank, 2 if plan.guided else 1
+    qkv_tokens = plan.tokens if plan.skipped_kv else plan.keep_tokens
+    per_block = qkv_tokens * (C + 3 * C) + plan.keep_tokens * (C + C)
+    return 2.0 * r * rows * (cfg.depth * per_block + plan.tokens * (C + cfg.vocab_size))
 
 
 def _selector_blocks(policy: SparsityPolicy, plan: ScalePlan, si: int, depth: int) -> int:
@@ -133,7 +142,7 @@ def count_flops(
     policy = policy or SparsityPolicy.dense()
     policy.validate_for(cfg)
     dense_policy = SparsityPolicy.dense()
-    scales, kv_dense, kv_sparse = [], 0, 0
+    scales, kv_dense, kv_sparse, deltas_on = [], 0, 0, False
     for si in range(len(cfg.patch_nums)):
         dense_plan, plan = dense_policy.plan(si, cfg.patch_nums, N), policy.plan(si, cfg.patch_nums, N)
         kv_dense += dense_plan.tokens
@@ -150,6 +159,8 @@ def count_flops(
             s.sparse = _scale_flops(
                 cfg, plan, kv_sparse, experts_per_token=per_token, num_experts=N, selector_blocks=blocks
             )
+            deltas_on = deltas_on or plan.sparse_tokens or plan.sparse_experts(N)
+            s.sparse["deltas"] = _delta_flops(cfg, plan) if deltas_on and cfg.delta_rank else 0.0
         else:
             s.sparse, s.kept_tokens = dict.fromkeys(COMPONENTS, 0.0), 0  # a skipped scale costs nothing
         scales.append(s)

@@ -35,7 +35,6 @@ from .losses import stage1_loss, stage2_loss
 from .recipes import Recipe
 from .run_folder import RunFolder, run_identity
 
-STAGE1_TRAINABLE = ("ffn.router.", "selector.")
 STAGE2_TRAINABLE = ("ffn.fc1.", "ffn.fc2.", "attn.", "head.")
 
 
@@ -166,16 +165,39 @@ class StudentForward(torch.nn.Module):
         return {"out": self.model.forward_train(labels, x, self.model.policy, collect_aux=collect_aux)}
 
 
-def select_trainable(model: VAR, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 1: routers and selectors. Stage 2: experts (fc1/fc2), attention and the head."""
-    prefixes = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+def select_trainable(model: VAR, stage: int, delta_rank: int = 0) -> list[torch.nn.Parameter]:
+    """Stage 1: the routers and selectors the model's policy uses (under DDP an unused one is an error).
+    Stage 2: the sparse-scale deltas when ``delta_rank`` (or the model has them), else the paper's
+    experts (fc1/fc2), attention and head at every scale."""
+    if stage == 2 and (delta_rank or model.cfg.delta_rank):
+        chosen = set(model.add_deltas(delta_rank or model.cfg.delta_rank))
+    elif stage == 1:
+        chosen = set(_routing_parameters(model))
+    else:
+        chosen = {p for n, p in model.named_parameters() if _inner(n).startswith(STAGE2_TRAINABLE)}
+    for p in model.parameters():
+        p.requires_grad_(p in chosen)
+    return [p for p in model.parameters() if p in chosen]
+
+
+def _inner(name: str) -> str:
+    return name.split(".", 2)[-1] if name.startswith("blocks.") else name
+
+
+def _routing_parameters(model: VAR) -> list[torch.nn.Parameter]:
+    """Routers where experts are pruned by the router; every block's selector for the selector rule,
+    block 0's for the fixed rule (its one choice), none for the others."""
+    policy, segments = model.policy, model.sparse_segments(model.policy)
+    routed = any(s.keep_experts < model.cfg.num_experts for s in segments) and policy.expert_rule == "router"
+    selecting = any(s.keep_tokens < s.length for s in segments)
     params = []
-    for name, p in model.named_parameters():
-        inner = name.split(".", 2)[-1] if name.startswith("blocks.") else name
-        train = any(inner.startswith(pre) for pre in prefixes) and not (stage == 2 and "router" in inner)
-        p.requires_grad_(train)
-        if train:
-            params.append(p)
+    for i, block in enumerate(model.blocks):
+        if routed:
+            params += list(block.ffn.router.parameters())
+        if selecting and (policy.token_rule == "selector" or (policy.token_rule == "fixed" and i == 0)):
+            params += list(block.selector.parameters())
+    if not params:
+        raise ConfigError("stage 1 has nothing to train: the policy uses no router and no selector")
     return params
 
 
@@ -230,7 +252,7 @@ def _prepare_models(models: Models, device) -> None:
 
 
 def _optimizer(student: VAR, stage: int, recipe: Recipe) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    params = select_trainable(student, stage)
+    params = select_trainable(student, stage, recipe.delta_rank)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -357,11 +379,13 @@ def _micro_step(run: Run, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tenso
                     alpha=recipe.alpha,
                     beta=recipe.beta,
                     temperature=recipe.pseudo_label_temperature,
+                    router_target=recipe.router_target,
                 )
             else:
                 with torch.no_grad():
                     t_out = run.teacher.forward_train(labels, x)
-                loss, terms = stage2_loss(out, t_out, gt)
+                start = segments[0].start if student.cfg.delta_rank else 0  # before it, student == teacher
+                loss, terms = stage2_loss(out, t_out, gt, start=start, kl=recipe.stage2_kl)
         acc.backward(loss)
         if acc.sync_gradients:
             terms["grad_norm"] = acc.clip_grad_norm_(run.params, recipe.grad_clip).detach().float()

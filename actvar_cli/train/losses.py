@@ -22,7 +22,7 @@ from ..generation.sampling import SamplingOptions
 from ..measure.agreement import held_out_batches
 from ..models.var import VAR, TrainOutput
 from ..runtime import CPU, Runtime
-from ..sparsity.experts import expert_distances
+from ..sparsity.experts import expert_distances, expert_norms
 from ..sparsity.policy import SparseSegment
 from ..sparsity.tokens import topk_mask
 
@@ -61,10 +61,11 @@ class PseudoLabels:
 
 @torch.no_grad()
 def pseudo_labels(
-    model: VAR, out: TrainOutput, segments: list[SparseSegment], temperature: float
+    model: VAR, out: TrainOutput, segments: list[SparseSegment], temperature: float, router_target: str = "distance"
 ) -> list[PseudoLabels]:
-    """Per block: router targets (experts closest to the full FFN output) and selector
-    targets (tokens the full block moves most), from the teacher function each block holds."""
+    """Per block: router targets (the experts closest to the full FFN output, or with the largest
+    outputs: docs/actvar.md) and selector targets (tokens the full block moves most), from the
+    teacher function each block holds."""
     causal = model.attn_bias_for_masking == 0
     labels = []
     for block, aux in zip(model.blocks, out.aux):
@@ -74,14 +75,43 @@ def pseudo_labels(
         routed = [s for s in segments if s.keep_experts < block.ffn.num_experts]
         for seg, h in zip(routed, aux.ffn_input):
             B, n, C = h.shape
-            d = expert_distances(block.ffn, h.reshape(-1, C).float(), block.ffn.num_experts).to(h.device)
-            d = (d / d.mean(-1, keepdim=True).clamp_min(1e-12)).view(B, n, -1)
-            router_t.append(soft_topk(-d, seg.keep_experts, temperature))
+            router_t.append(soft_topk(expert_scores(block.ffn, h, router_target), seg.keep_experts, temperature))
         for seg in (s for s in segments if s.keep_tokens < s.length):
             m = moved[:, seg.start : seg.end]
             selector_t.append(soft_topk(m / m.mean(-1, keepdim=True).clamp_min(1e-12), seg.keep_tokens, temperature))
         labels.append(PseudoLabels(router_t, selector_t))
     return labels
+
+
+def expert_scores(ffn, h_BnC: torch.Tensor, target: str) -> torch.Tensor:
+    """(B, n, N) scores whose top-k names the experts a token should keep, scaled by their mean:
+    minus the distance of each expert's output to the FFN's (``distance``, the paper's reading), or
+    each expert's output norm (``norm``: dropping the smallest outputs changes the sum least)."""
+    B, n, C = h_BnC.shape
+    h = h_BnC.reshape(-1, C).float()
+    if target == "norm":
+        score = expert_norms(ffn, h, ffn.num_experts).to(h_BnC.device)
+    else:
+        score = -expert_distances(ffn, h, ffn.num_experts).to(h_BnC.device)
+    return (score / score.abs().mean(-1, keepdim=True).clamp_min(1e-12)).view(B, n, -1)
+
+
+def shared_selector_loss(model: VAR, out: TrainOutput, segments: list[SparseSegment], temperature: float):
+    """The fixed rule's one choice per scale: block 0's selector at the first sparse scale against the
+    tokens that the whole (dense) stack moves most there."""
+    seg = next((s for s in segments if s.keep_tokens < s.length), None)
+    if seg is None or out.choice_logits is None:
+        return None, None
+    x0 = out.aux[0].block_input.detach()
+    with torch.no_grad():
+        causal = model.attn_bias_for_masking == 0
+        h = x0
+        for block in model.blocks:
+            h = block(h, out.cond, causal)
+        moved = (h - x0)[:, seg.start : seg.end].float().square().mean(-1)
+    target = soft_topk(moved / moved.mean(-1, keepdim=True).clamp_min(1e-12), seg.keep_tokens, temperature)
+    logits = out.choice_logits
+    return kl_to_target(target, logits), _overlap(topk_mask(logits, seg.keep_tokens), target)
 
 
 def _mean(xs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -97,10 +127,12 @@ def stage1_loss(
     alpha: float,
     beta: float,
     temperature: float = 1.0,
+    router_target: str = "distance",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Supp. eq. 19: L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t)."""
+    """Supp. eq. 19: L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t);
+    with the fixed token rule, L_dis^t is the shared choice's (``shared_selector_loss``)."""
     l_cls = cls_loss(out.logits, gt_BL)
-    targets = pseudo_labels(model, out, segments, temperature)
+    targets = pseudo_labels(model, out, segments, temperature, router_target)
     dis_w, dis_t, bl_w, bl_t, agree_w, agree_t = [], [], [], [], [], []
     for aux, tgt in zip(out.aux, targets):
         dw = [kl_to_target(t, lg) for t, lg in zip(tgt.router, aux.router_logits)]
@@ -113,6 +145,10 @@ def stage1_loss(
         bl_t.append(_mean(bt, l_cls))
         agree_w += [_overlap(k, t) for k, t in zip(aux.expert_keep, tgt.router)]
         agree_t += [_overlap(k, t) for k, t in zip(aux.token_keep, tgt.selector)]
+    shared, shared_agree = shared_selector_loss(model, out, segments, temperature)
+    if shared is not None:  # one choice for every block: its loss counts once per block, as each block's would
+        dis_t = [shared] * len(dis_t)
+        agree_t = [shared_agree]
     per_block = alpha * (torch.stack(dis_w) + torch.stack(dis_t)) + beta * (torch.stack(bl_w) + torch.stack(bl_t))
     loss = l_cls + per_block.sum()
     terms = {  # detached tensors: read them once per step, not once per term (each read syncs a GPU)
@@ -134,16 +170,21 @@ def _overlap(keep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def stage2_loss(
-    out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor
+    out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor, *, start: int = 0, kl: str = "reverse"
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Supp. eq. 22: L_cls + KL(p_student || p_teacher) + (1/D) sum_b MSE(student hidden, teacher hidden)."""
-    l_cls = cls_loss(out.logits, gt_BL)
-    logp_s = out.logits.float().log_softmax(-1)
-    logp_t = teacher.logits.float().log_softmax(-1)
-    l_f = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
-    l_b = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(out.hidden, teacher.hidden)]).mean()
+    """Supp. eq. 22: L_cls + KL + (1/D) sum_b MSE(student hidden, teacher hidden), over the positions
+    from ``start`` on (the first sparse scale's, when the scales before it cannot change). ``kl``:
+    ``reverse`` is the paper's KL(p_student || p_teacher), ``forward`` KL(p_teacher || p_student)."""
+    logits_s, logits_t = out.logits[:, start:], teacher.logits[:, start:]
+    l_cls = cls_loss(logits_s, gt_BL[:, start:])
+    logp_s = logits_s.float().log_softmax(-1)
+    logp_t = logits_t.float().log_softmax(-1)
+    first, second = (logp_s, logp_t) if kl == "reverse" else (logp_t, logp_s)
+    l_f = (first.exp() * (first - second)).sum(-1).mean()
+    pairs = zip(out.hidden, teacher.hidden)
+    l_b = torch.stack([F.mse_loss(s[:, start:].float(), t[:, start:].float()) for s, t in pairs]).mean()
     loss = l_cls + l_f + l_b
-    agree = (out.logits.argmax(-1) == teacher.logits.argmax(-1)).float().mean()
+    agree = (logits_s.argmax(-1) == logits_t.argmax(-1)).float().mean()
     terms = {"loss": loss, "cls": l_cls, "kl": l_f, "hidden_mse": l_b, "token_agreement": agree}
     return loss, {k: v.detach().float() for k, v in terms.items()}
 

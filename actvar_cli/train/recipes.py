@@ -39,6 +39,9 @@ class Recipe:
     scales: list[int] = field(default_factory=lambda: [9, 10])
     token_rates: list[float] = field(default_factory=lambda: [0.75, 0.75])
     weight_rate: float = 0.75
+    token_rule: str = "selector"  # selector (the paper: each block its own) or fixed (one choice per scale)
+    skipped_kv: bool = False  # skipped tokens stay keys of the blocks that skip them
+    router_target: str = "distance"  # the experts a router learns to pick: closest to the FFN, or largest
     calib_images: int = 8
     # training, both stages
     data: str = "teacher"
@@ -57,6 +60,8 @@ class Recipe:
     alpha: float = 0.05
     beta: float = 0.01
     pseudo_label_temperature: float = 1.0
+    delta_rank: int = 0  # stage 2 trains sparse-scale deltas of this rank; 0: attention, experts, head everywhere
+    stage2_kl: str = "reverse"  # the paper's KL(student || teacher), or forward: KL(teacher || student)
     teacher_samples_per_epoch: int = 1_281_167
     shapes_samples_per_epoch: int = 10_000
     teacher_cfg: float = 0.0
@@ -78,19 +83,28 @@ class Recipe:
             check_value(key, getattr(self, key), kind, low, high)
         if len(self.betas) != 2:
             raise ConfigError(f"betas = {self.betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision = {self.precision!r}", "use auto, fp32 or bf16")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} = {getattr(self, key)!r}", f"use {' or '.join(allowed)}")
         self.policy()
 
     def policy(self) -> SparsityPolicy:
         return SparsityPolicy(
-            scales=tuple(self.scales), token_rates=tuple(self.token_rates), weight_rates=(self.weight_rate,)
+            scales=tuple(self.scales),
+            token_rates=tuple(self.token_rates),
+            weight_rates=(self.weight_rate,),
+            token_rule=self.token_rule,
+            skipped_kv=self.skipped_kv,
         )
 
     def with_policy(self, policy: SparsityPolicy) -> Recipe:
         """This recipe with a model's stored policy as its scales and rates."""
         return self.override(
-            scales=list(policy.scales), token_rates=list(policy.token_rates), weight_rate=policy.weight_rates[0]
+            scales=list(policy.scales),
+            token_rates=list(policy.token_rates),
+            weight_rate=policy.weight_rates[0],
+            token_rule=policy.token_rule if policy.token_rule in ("selector", "fixed") else self.token_rule,
+            skipped_kv=policy.skipped_kv,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +125,13 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-INF = float("inf")
+CHOICES = {
+    "precision": ("auto", "fp32", "bf16"),
+    "token_rule": ("selector", "fixed"),
+    "router_target": ("distance", "norm"),
+    "stage2_kl": ("reverse", "forward"),
+    "split": ("cluster", "contiguous", "coactivation"),
+}
 # key -> (kind, lowest, highest): int, float (finite), float? (or null), ints / floats (lists), str (free)
 RULES: dict[str, tuple[str, float, float]] = {
     "experts": ("int", 2, 1024),
@@ -119,6 +139,9 @@ RULES: dict[str, tuple[str, float, float]] = {
     "scales": ("ints", 1, 64),
     "token_rates": ("floats", 1e-9, 1),
     "weight_rate": ("float", 1e-9, 1),
+    "token_rule": ("str", 0, 0),
+    "skipped_kv": ("bool", 0, 0),
+    "router_target": ("str", 0, 0),
     "calib_images": ("int", 0, 1_000_000),
     "data": ("str", 0, 0),
     "global_batch": ("int", 1, 1 << 24),
@@ -136,6 +159,8 @@ RULES: dict[str, tuple[str, float, float]] = {
     "alpha": ("float", 0, 1e6),
     "beta": ("float", 0, 1e6),
     "pseudo_label_temperature": ("float", 1e-6, 1e6),
+    "delta_rank": ("int", 0, 4096),
+    "stage2_kl": ("str", 0, 0),
     "teacher_samples_per_epoch": ("int", 1, 1 << 40),
     "shapes_samples_per_epoch": ("int", 1, 1 << 40),
     "teacher_cfg": ("float", 0, 100),
@@ -157,6 +182,10 @@ def check_value(key: str, value: Any, kind: str, low: float, high: float) -> Non
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: must be text")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: must be true or false")
         return
     if kind in ("ints", "floats"):
         if not isinstance(value, (list, tuple)) or not value or len(value) > 64:
@@ -270,12 +299,9 @@ def recipe_for(cfg, name: str | None = None) -> Recipe:
     """The recipe named for a model: ``tiny``'s for the built-in model, ``actvar-dN.yaml`` for an
     official architecture, else the paper's settings on the last two scales of its layout."""
 
-    if cfg.replace(num_experts=0) == arch_config(BUILTIN_NAME):
+    if cfg.dense == arch_config(BUILTIN_NAME):
         return load_recipe(BUILTIN_NAME)
-    if (
-        cfg.replace(num_experts=0) == official_var_config(cfg.depth)
-        and (RECIPE_DIR / f"actvar-d{cfg.depth}.yaml").exists()
-    ):
+    if cfg.dense == official_var_config(cfg.depth) and (RECIPE_DIR / f"actvar-d{cfg.depth}.yaml").exists():
         return load_recipe(f"d{cfg.depth}")
     n = len(cfg.patch_nums)
     return Recipe().override(scales=[n - 1, n])
