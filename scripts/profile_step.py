@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from actvar_cli.commands.bench import random_pair
 from actvar_cli.generation.sampling import SamplingOptions, generate, image_generators
-from actvar_cli.models.var import LayerCache
+from actvar_cli.models.kv_cache import LayerCache
 from actvar_cli.runtime import CPU
 from actvar_cli.sparsity.blocks import GenerationState
 

@@ -198,3 +198,30 @@ def demo(
         req = cmd.DemoRequest(out_dir, stage1_steps, stage2_steps, announce=announce)
         result = execute(cmd.run, req)
     show(result, as_json, render.demo_summary)
+
+
+@app.command()
+def memory(
+    model: str | None = typer.Argument(None, help="A VAR, ActVAR or stacked model file (or give --arch)."),
+    arch: str | None = typer.Option(None, help="dN (d16 … d36) or tiny, instead of a checkpoint."),
+    batch_size: int = typer.Option(8, help="Images per generation (per process and micro-step with --train)."),
+    method: str | None = typer.Option(None, help="A method or stack it runs with, e.g. actvar+int8+kv-int8."),
+    dtype: str = typer.Option("fp32", help="Activations: fp32, bf16 or fp16 (autocast)."),
+    train: str | None = typer.Option(None, help="stage1 or stage2: plan a distillation stage instead."),
+    experts: int = typer.Option(16, "--experts", help="Experts per FFN when the stack converts the model."),
+    shard: int = typer.Option(1, help="With --train: FSDP full sharding over this many processes."),
+    device: str = typer.Option("cuda", help="cuda (fused attention keeps no score matrix) or cpu (it does)."),
+    as_json: Json = False,
+) -> None:
+    """What generation (or a distillation stage) needs in memory, in GB per component, before running it.
+
+    Examples: `actvar memory --arch d30 --batch-size 64 --dtype bf16 --json` ·
+    `actvar memory --arch d30 --batch-size 64 --method actvar+int8+kv-int8 --dtype bf16` ·
+    `actvar memory --arch d36 --train stage2 --batch-size 32 --dtype bf16 --shard 8`
+    """
+    from ..commands import memory as cmd
+
+    with handled():
+        req = cmd.MemoryRequest(model, arch, batch_size, method, dtype, train, experts, shard, device)
+        result = execute(cmd.run, req, progress=False)
+    show(result, as_json, render.memory_plan)

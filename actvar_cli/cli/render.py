@@ -370,3 +370,16 @@ def tune_report(r: dict[str, Any]) -> None:
         out.print(f"no stack kept FID under {r['cap']:.2f}: nothing written", style="yellow")
     if r.get("plot"):
         out.print(f"plot: {escape(r['plot'])}", highlight=False)
+
+
+def memory_plan(r: dict[str, Any]) -> None:
+    rows = [[k, f"{v:.3f}"] for k, v in r["components"].items() if k != "cfg_doubling"]
+    out.print(f"[bold]memory[/]: {escape(r['what'])}")
+    table = columns("", ["component", "GB"], rows, first_left=True)
+    table.add_row("total", f"{r['total_gb']:.3f}", style="bold")
+    out.print(table)
+    if "cfg_doubling" in r["components"]:
+        out.print(f"of which the unconditional (CFG) rows: {r['components']['cfg_doubling']:.3f} GB", highlight=False)
+    for note in r["notes"].values():
+        if "included above" not in note:
+            out.print(escape(note), style="dim")

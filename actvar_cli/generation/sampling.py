@@ -179,7 +179,7 @@ def generate(
     lvl_pos = model.lvl_pos()
     first = model.first_l
     x = cond_BD.unsqueeze(1).expand(2 * B, first, -1) + model.pos_start.expand(2 * B, first, -1) + lvl_pos[:, :first]
-    cache = model.new_cache(cached_tokens(model.cfg.patch_nums, policy))
+    cache = model.new_cache(cached_tokens(model.cfg.patch_nums, policy), policy.kv_bits if policy else 0)
     f_hat = torch.zeros(B, Cvae, HW, HW, device=labels_B.device, dtype=torch.float32)
     out = Generation(f_hat=f_hat, tokens=[])
     per_image = rng is not None and not isinstance(rng, torch.Generator)  # one generator per image

@@ -58,27 +58,58 @@ def var_parameters(cfg: VARConfig) -> int:
     return D * block + shared + embed + head
 
 
+def weight_bytes(cfg: VARConfig, quantization: dict | None = None) -> float:
+    """Bytes of a VAR's weights: float32, or the quantized layers (``actvar quantize``) at their width
+    with their scales, and everything else in float32."""
+    total = var_parameters(cfg) * FP32_MASTER
+    if not quantization:
+        return total
+    C, F = cfg.embed_dim, cfg.ffn_dim
+    layers = [(3 * C, C), (C, C), (F, C), (C, F)] + ([] if cfg.shared_aln else [(6 * C, C)])  # (out, in)
+    layers = layers * cfg.depth + [(cfg.vocab_size, C)]
+    group = quantization.get("group_size") or 0
+    for out_f, in_f in layers:
+        if quantization["weights"] == "int8":
+            stored = out_f * in_f + out_f * 4  # int8 values, a float32 scale per output channel
+        else:
+            stored = out_f * in_f / 2 + out_f * (in_f // group) * 4  # two int4 values a byte, a scale per group
+        total += stored - out_f * in_f * FP32_MASTER
+    return total
+
+
+def kv_bytes(cfg: VARConfig, *, rows: int, tokens: int, dtype: str, bits: int = 0) -> float:
+    """The preallocated KV cache: keys and values of every cached token of every block."""
+    elements = 2.0 * cfg.depth * rows * tokens * cfg.embed_dim
+    if bits == 8:  # int8 values and a float32 scale per (row, head, token)
+        return elements + 2.0 * cfg.depth * rows * tokens * cfg.num_heads * 4
+    return elements * ACT_BYTES[dtype]
+
+
 def generation_plan(
     cfg: VARConfig,
     *,
     batch_size: int,
     policy: SparsityPolicy | None = None,
     dtype: str = "fp32",
-    weight_bytes: float = FP32_MASTER,
+    quantization: dict | None = None,
     vae: VAEConfig | None = None,
     materialised_scores: bool = True,
 ) -> MemoryPlan:
-    """Bytes that generating ``batch_size`` images needs; ``weight_bytes`` per VAR parameter."""
+    """Bytes that generating ``batch_size`` images needs (one process)."""
     act = ACT_BYTES[dtype]
-    C, D, B = cfg.embed_dim, cfg.depth, batch_size
+    C, B = cfg.embed_dim, batch_size
     rows = 2 * B  # conditional and unconditional rows while guided
     L = cached_tokens(cfg.patch_nums, policy)
     n = cfg.patch_nums[-1] ** 2  # the largest step
     plan = MemoryPlan()
-    plan.components["weights"] = var_parameters(cfg) * weight_bytes + (vae_parameters(vae) * 4 if vae else 0)
-    plan.components["kv_cache"] = 2.0 * D * rows * L * C * act  # preallocated for the whole pyramid
+    plan.components["weights"] = weight_bytes(cfg, quantization) + (vae_parameters(vae) * 4 if vae else 0)
+    plan.components["kv_cache"] = kv_bytes(cfg, rows=rows, tokens=L, dtype=dtype, bits=policy.kv_bits if policy else 0)
     scores = rows * cfg.num_heads * n * L * 4 if materialised_scores else 0
     hidden = rows * n * (3 * C + 2 * cfg.ffn_dim + 4 * C) * act  # qkv, FFN hidden before/after GELU, x copies
+    if policy is not None and policy.kv_bits:
+        hidden += 2 * rows * L * C * act  # one block's keys and values, dequantized while it attends
+    if quantization:
+        hidden += max(cfg.ffn_dim * C, cfg.vocab_size * C) * FP32_MASTER  # one layer's weight, dequantized
     sampler = B * n * cfg.vocab_size * 4 * 4  # guided logits, filtered, scattered probabilities, their CDF
     plan.components["activations"] = scores + hidden + rows * n * cfg.vocab_size * 4 + sampler
     if vae is not None:
@@ -106,6 +137,7 @@ def training_plan(
     stage: int,
     trainable: float,
     precision: str = "fp32",
+    materialised_scores: bool = False,
 ) -> MemoryPlan:
     """Bytes that one process of a distillation stage needs: the student's parameters, gradients
     and AdamW moments of its ``trainable`` share, the frozen teacher, and the activations that
@@ -118,7 +150,8 @@ def training_plan(
     plan.components["gradients"] = trainable * FP32_MASTER
     plan.components["adamw_state"] = 2 * trainable * FP32_MASTER
     plan.components["teacher"] = var_parameters(cfg.dense) * FP32_MASTER
-    per_block = B * L * (8 * C + 2 * cfg.ffn_dim) * act + B * cfg.num_heads * L * L * 4
+    scores = B * cfg.num_heads * L * L * 4 if materialised_scores else 0  # a GPU's fused attention keeps none
+    per_block = B * L * (8 * C + 2 * cfg.ffn_dim) * act + scores
     plan.components["activations"] = cfg.depth * per_block + 3 * B * L * cfg.vocab_size * 4  # + logits, softmax
     plan.notes["activations"] = f"stage {stage}: kept for backpropagation, one process, batch {batch_size}"
     return plan

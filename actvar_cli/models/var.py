@@ -28,6 +28,7 @@ from ..sparsity import blocks as sparse
 from ..sparsity.policy import SparseSegment, SparsityPolicy
 from .config import VARConfig
 from .deltas import LowRankDelta, ScaleSwitch
+from .kv_cache import LayerCache
 
 
 class FFN(nn.Module):
@@ -49,51 +50,6 @@ class FFN(nn.Module):
         """The router's scores, in float32 even under autocast: a choice must not hinge on bf16 rounding."""
         with torch.autocast(device_type=h.device.type, enabled=False):
             return F.linear(h.float(), self.router.weight.float(), self.router.bias.float())
-
-
-class LayerCache:
-    """Keys and values one block has seen so far: views (B, H, L_cached, head_dim) of one buffer.
-
-    With a ``capacity`` (every token the generation will cache, known from the policy) the buffer is
-    allocated once, at the first scale, and each scale writes its slice: no ``torch.cat`` per scale,
-    and every step has the same shapes every time (what CUDA graphs need). Without one it grows.
-    """
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self.capacity = capacity
-        self.length = 0
-        self._k: torch.Tensor | None = None  # B, H, capacity, c
-        self._v: torch.Tensor | None = None
-
-    @property
-    def k(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.length]
-
-    @property
-    def v(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.length]
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = k.shape[2]
-        if self.capacity is None:
-            self._k = k if self._k is None else torch.cat((self.k, k), dim=2)
-            self._v = v if self._v is None else torch.cat((self.v, v), dim=2)
-        else:
-            if self._k is None:
-                B, H, _, c = k.shape
-                self._k = k.new_empty(B, H, self.capacity, c)
-                self._v = v.new_empty(B, H, self.capacity, c)
-            if self.length + n > self.capacity:
-                raise ValueError(f"the KV cache holds {self.capacity} tokens, and {self.length + n} were given")
-            self._k[:, :, self.length : self.length + n] = k
-            self._v[:, :, self.length : self.length + n] = v
-        self.length += n
-        return self.k, self.v
-
-    def keep_rows(self, rows: int) -> None:
-        """Guidance turned off: only the first ``rows`` (the conditional ones) go on; a view, no copy."""
-        if self._k is not None:
-            self._k, self._v = self._k[:rows], self._v[:rows]
 
 
 class SelfAttention(nn.Module):
@@ -406,9 +362,10 @@ class VAR(nn.Module):
 
     # -- generation ----------------------------------------------------------------------
 
-    def new_cache(self, capacity: int | None = None) -> list[LayerCache]:
-        """One cache per block; ``capacity``: every token the generation will cache (preallocated)."""
-        return [LayerCache(capacity) for _ in self.blocks]
+    def new_cache(self, capacity: int | None = None, bits: int = 0) -> list[LayerCache]:
+        """One cache per block; ``capacity``: every token the generation will cache (preallocated);
+        ``bits``: 8 keeps keys and values as int8 with a scale per token and head (0: as computed)."""
+        return [LayerCache(capacity, bits) for _ in self.blocks]
 
     def generation_step(
         self,

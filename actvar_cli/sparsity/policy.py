@@ -82,6 +82,7 @@ class SparsityPolicy:
     guidance_off: int = 0
     skip_last: int = 0
     skipped_kv: bool = False  # skipped tokens still give their keys and values (docs/actvar.md)
+    kv_bits: int = 0  # 8: the KV cache keeps int8 keys and values (a stack's kv-int8 part)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -115,6 +116,8 @@ class SparsityPolicy:
             )
         if self.guidance_off < 0 or self.skip_last < 0:
             raise ConfigError("guidance_off and skip_last count scales: 0 or more")
+        if self.kv_bits not in (0, 8):
+            raise ConfigError(f"kv_bits {self.kv_bits}: the KV cache is int8 (8) or as computed (0)")
         if self.skipped_kv and self.token_rule == "far-from-mean":
             raise ConfigError("FastVAR's rule caches the outputs of skipped tokens, not their keys", "drop skipped_kv")
 
@@ -186,6 +189,7 @@ class SparsityPolicy:
             "guidance_off": self.guidance_off,
             "skip_last": self.skip_last,
             "skipped_kv": self.skipped_kv,
+            "kv_bits": self.kv_bits,
         }
         defaults = SparsityPolicy.dense()
         d.update({k: v for k, v in extra.items() if v != _listed(getattr(defaults, k))})  # ActVAR files stay as before
@@ -193,7 +197,7 @@ class SparsityPolicy:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SparsityPolicy:
-        keys = ("token_rule", "expert_rule", "thresholds", "guidance_off", "skip_last", "skipped_kv")
+        keys = ("token_rule", "expert_rule", "thresholds", "guidance_off", "skip_last", "skipped_kv", "kv_bits")
         return cls(
             scales=tuple(d["scales"]),
             token_rates=tuple(d["token_rates"]),

@@ -20,7 +20,7 @@ from .methods import method_policy, parse_method
 from .policy import SparsityPolicy
 
 QUANT_PARTS = ("int8", "int4")  # weights quantized after the model is built (actvar quantize)
-FLAG_PARTS = ("skipped-kv",)  # changes how the stack's token rule treats skipped tokens
+FLAG_PARTS = ("skipped-kv", "kv-int8")  # how skipped tokens are treated; how the KV cache is stored
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,13 @@ def parse_stack(spec: str) -> Stack:
 def stack_policy(stack: Stack, num_scales: int, model_policy: SparsityPolicy | None = None) -> SparsityPolicy | None:
     """The policy of every part, merged scale by scale (None for the plain dense model)."""
     parts = [(f, method_policy(f, a, num_scales, model_policy)) for f, a in stack.policy_parts]
-    if not parts:
-        if "skipped-kv" in stack.families:
-            raise ConfigError(f"{stack.name}: skipped-kv changes a token rule, and the stack has none")
-        return None if model_policy is None else model_policy
-    merged = _merge(stack.name, parts, num_scales)
+    if not parts and "skipped-kv" in stack.families:
+        raise ConfigError(f"{stack.name}: skipped-kv changes a token rule, and the stack has none")
+    if not parts and "kv-int8" not in stack.families:
+        return model_policy
+    merged = _merge(stack.name, parts, num_scales) if parts else model_policy or SparsityPolicy.dense()
+    if "kv-int8" in stack.families:
+        merged = dataclasses.replace(merged, kv_bits=8)
     if "skipped-kv" in stack.families:
         if not any(r < 1 for r in merged.token_rates) or merged.token_rule == "far-from-mean":
             raise ConfigError(f"{stack.name}: skipped-kv needs a token rule that skips tokens (not FastVAR's)")
@@ -107,6 +109,7 @@ def _merge(name: str, parts: list[tuple[str, SparsityPolicy]], S: int) -> Sparsi
         guidance_off=max(guidance, default=0),
         skip_last=skip,
         skipped_kv=bool(token_part and token_part.skipped_kv),
+        kv_bits=max((p.kv_bits for _, p in parts), default=0),
     )
 
 

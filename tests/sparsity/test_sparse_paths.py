@@ -15,7 +15,7 @@ from actvar_cli.convert.moefy import MoefyOptions, moefy
 from actvar_cli.errors import ConfigError
 from actvar_cli.generation.sampling import SamplingOptions, decode_images, generate, image_generators
 from actvar_cli.models.checkpoint import load_var
-from actvar_cli.models.var import LayerCache
+from actvar_cli.models.kv_cache import LayerCache
 from actvar_cli.sparsity import experts
 from actvar_cli.sparsity.blocks import GenerationState, block_generate
 from actvar_cli.sparsity.flops import count_flops
