@@ -380,9 +380,9 @@ class VAR(nn.Module):
         """Run all blocks on scale ``si``'s tokens (with the KV cache); returns logits (B, n, V)."""
         segments = self.sparse_segments(policy)
         with self.deltas_at("all" if segments and si >= segments[0].scale_index else None):
-            return self._step(x_BnC, cond_BD, si, cache, policy, state)
+            return self._step(x_BnC, cond_BD, si, cache, policy=policy, state=state)
 
-    def _step(self, x_BnC, cond_BD, si: int, cache: list[LayerCache], policy, state) -> torch.Tensor:
+    def _step(self, x_BnC, cond_BD, si: int, cache: list[LayerCache], *, policy, state) -> torch.Tensor:
         cond = self.shared_ada_lin(cond_BD)
         plan = policy.plan(si, self.cfg.patch_nums, self.cfg.num_experts) if policy is not None else None
         dense = plan is None or not (plan.sparse_tokens or plan.sparse_experts(self.cfg.num_experts))
