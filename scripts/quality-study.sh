@@ -13,11 +13,11 @@ actvar=${ACTVAR:-actvar}
 policies=${POLICIES:-default equal-flops corner}
 mkdir -p "$out"
 score() {  # MODEL NAME
-    $actvar eval "$1" --fid --is --ref shapes --num "$num" --seed "$seed" --teacher auto --out "$out/eval-$2" \
+    $actvar eval "$1" --fid --is --ref shapes --num "$num" --seed "$seed" --teacher auto --psnr-images 50 --out "$out/eval-$2" \
         --overwrite --json > "$out/$2.json"
 }
-$actvar eval tiny --fid --is --ref shapes --num "$num" --seed "$seed" --out "$out/eval-dense" --overwrite --json \
-    > "$out/dense.json"
+[ -f "$out/dense.json" ] || $actvar eval tiny --fid --is --ref shapes --num "$num" --seed "$seed" \
+    --out "$out/eval-dense" --overwrite --json > "$out/dense.json"
 for policy in $policies; do
     flags=()
     [ "$policy" = equal-flops ] && flags=(--token-rates 0.6,0.6)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..generation.sampling import SamplingOptions, generate, image_generators
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
@@ -110,6 +111,8 @@ def _keep_whole_rows(model: VAR, policy: SparsityPolicy, rec: _Recorder, *, max_
     """As many whole rows as the token budget allows, so that every (row, scale) group stays complete."""
     n_rows = sum(t.shape[0] for t in rec.block_in[0])
     P = rec.pos.numel()
+    if P == 0:
+        raise ConfigError("the policy has no sparse scales to calibrate", "give the policy at least one scale")
     rows = torch.randperm(n_rows, generator=g)[: max(1, max_tokens // P)].sort().values
     scale_of_pos = torch.cat(
         [torch.full((ed - bg,), i) for i, (bg, ed) in enumerate(model.begin_ends[s - 1] for s in policy.scales)]

@@ -93,4 +93,7 @@ class MethodBuilder:
             return self.dense
         fits = {"static-experts": "static", "dmoe": "norms"}
         fit = next((fits[f] for f in converting if f in fits), "pseudo-labels")
-        return self.convert(stack_policy(stack, S) or SparsityPolicy(scales=last(S, 2)), router_fit=fit)
+        policy = stack_policy(stack, S)
+        if policy is None or not policy.scales:  # a no-op setting: fit for the default scales
+            policy = SparsityPolicy(scales=last(S, 2))
+        return self.convert(policy, router_fit=fit)

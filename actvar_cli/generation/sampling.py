@@ -238,11 +238,16 @@ def compile_steps(model: VAR) -> VAR:
     return model
 
 
+DECODE_CHUNK = 16  # images the VQVAE decodes at once: its full-size maps, not the batch, bound the peak
+
+
 @torch.no_grad()
 def decode_images(vae: VQVAE, f_hat: torch.Tensor) -> torch.Tensor:
-    """f_hat to images (B, 3, H, W) in [0, 1], in float32."""
+    """f_hat to images (B, 3, H, W) in [0, 1], in float32, DECODE_CHUNK images at a time (at 256
+    pixels one image's decoder maps take about 200 MB: a batch of 256 at once would need 54 GB)."""
     with torch.autocast(device_type=f_hat.device.type, enabled=False), component("decode"):
-        return vae.fhat_to_img(f_hat.float()).add(1).mul(0.5)
+        parts = [vae.fhat_to_img(f.float()).add_(1).mul_(0.5) for f in f_hat.split(DECODE_CHUNK)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:

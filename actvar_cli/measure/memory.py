@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from ..generation.sampling import cached_tokens
+from ..generation.sampling import DECODE_CHUNK, cached_tokens
 from ..models.vqvae import VQVAE
 from ..sparsity.policy import SparsityPolicy
 
@@ -32,10 +32,15 @@ FP32_MASTER = 4  # bytes of a float32 parameter, gradient or Adam moment
 class MemoryPlan:
     components: dict[str, float] = field(default_factory=dict)  # name -> bytes
     notes: dict[str, str] = field(default_factory=dict)
+    later: tuple[str, ...] = ()  # components live only once the rest (but the weights) is freed
 
     @property
     def total(self) -> float:
-        return sum(v for k, v in self.components.items() if k != "cfg_doubling")
+        """The peak: the weights, and the larger of the two phases (generation, then the decode)."""
+        counted = {k: v for k, v in self.components.items() if k != "cfg_doubling"}
+        later = sum(counted.pop(k) for k in self.later if k in counted)
+        weights = counted.pop("weights", 0.0)
+        return weights + max(sum(counted.values()), later)
 
     def to_dict(self) -> dict:
         return {
@@ -114,6 +119,8 @@ def generation_plan(
     plan.components["activations"] = scores + hidden + rows * n * cfg.vocab_size * 4 + sampler
     if vae is not None:
         plan.components["decode"] = decode_bytes(vae, B)
+        plan.later = ("decode",)
+        plan.notes["decode"] = "after generation, whose KV cache and activations are freed by then"
     plan.components["cfg_doubling"] = plan.components["kv_cache"] / 2 + (scores + hidden) / 2
     plan.notes["cfg_doubling"] = "included above: what the unconditional rows add to the KV cache and activations"
     return plan
@@ -125,9 +132,13 @@ def vae_parameters(vae: VAEConfig) -> int:
 
 
 def decode_bytes(vae: VAEConfig, batch_size: int) -> float:
-    """The VQVAE decoder at full resolution: about four live float32 maps of its widest full-size level."""
+    """The VQVAE decoder at full resolution: five live float32 maps of its full-size level at the
+    peak (measured on the CPU: the block's input, its normalised copy, the convolution's output, and
+    the upsampling's input and output) for the images decoded at once, and the images themselves
+    (the chunks and their concatenation)."""
     side = vae.patch_nums[-1] * vae.stride
-    return 4.0 * batch_size * vae.ch * vae.ch_mult[0] * side * side * 4
+    chunk = min(batch_size, DECODE_CHUNK)  # decode_images decodes this many at once
+    return 5.0 * chunk * vae.ch * vae.ch_mult[0] * side * side * 4 + 2 * batch_size * 3 * side * side * 4
 
 
 def training_plan(

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from fakehub import FakeHub
+from fakehub import FakeHub, free_port
 from PIL import Image
 
 from actvar_cli.measure.fidelity import INCEPTION_FILE
@@ -138,7 +138,6 @@ def test_eval_sampling_is_sharded_over_accelerate_processes(tiny_actvar, incepti
     import sys
 
     from conftest import ROOT
-    from test_distill import free_port
 
     ref = tmp_path / "ref"
     ref.mkdir()

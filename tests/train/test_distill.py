@@ -4,7 +4,6 @@ and the same command runs as two processes under `accelerate launch`."""
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, distil
+from fakehub import free_port
 from PIL import Image
 
 from actvar_cli.generation.sampling import SamplingOptions
@@ -216,12 +216,6 @@ def test_the_run_record_gives_the_policy_that_trained(tmp_path, run_cli):
     )  # fmt: skip
     recipe = json.loads(r.stdout)["recipe"]
     assert recipe["token_rates"] == [0.5, 0.25] and recipe["weight_rate"] == 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
