@@ -1,5 +1,5 @@
 """docs/memory.md's tables: what generation of d16-d36 needs (bf16 autocast on a GPU, fused
-attention), and the largest batch that fits each GPU, from ``actvar memory``'s plan.
+attention), and the largest batch that fits in 90% of each GPU, from ``actvar memory``'s plan.
 Usage: python scripts/memory_table.py   (a few seconds; nothing is loaded)
 """
 
@@ -9,6 +9,7 @@ ARCHS = ["d16", "d20", "d24", "d30", "d36"]
 METHODS = {"dense": None, "ActVAR": "actvar", "int8": "int8", "KV int8": "kv-int8", "all three": "actvar+int8+kv-int8"}
 BATCHES = [1, 16, 64, 256]
 GPUS = [24, 48, 80, 141]
+HEADROOM = 0.9  # of a GPU's memory: the CUDA context, the allocator's fragmentation, other processes
 
 
 def total_gb(arch: str, method: str | None, batch: int) -> float:
@@ -19,7 +20,7 @@ def largest_batch(arch: str, method: str | None, gb: float) -> int:
     lo, hi = 0, 1 << 14  # lo fits (or is 0), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total_gb(arch, method, mid) <= gb else (lo, mid)
+        lo, hi = (mid, hi) if total_gb(arch, method, mid) <= HEADROOM * gb else (lo, mid)
     return lo
 
 

@@ -65,7 +65,9 @@ def quantize(
     weights: str = typer.Option(
         ..., "--weights", help="int8 (a scale per output row) | int4 (a scale per group of inputs, two values a byte)."
     ),
-    group_size: int = typer.Option(128, "--group-size", help="Inputs sharing one int4 scale; must divide every width."),
+    group_size: int | None = typer.Option(
+        None, "--group-size", help="Inputs sharing one int4 scale; must divide every width. [default: 128]"
+    ),
     num_heads: NumHeads = None,
     as_json: Json = False,
 ) -> None:

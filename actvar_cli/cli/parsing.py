@@ -61,6 +61,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not KEY=VALUE", "e.g. --set teacher_top_k=600")
+        if not value.strip():
+            raise ConfigError(f"--set {item!r} has no value", "give one after the =, e.g. --set teacher_top_k=600")
         try:
             values[key.strip().replace("-", "_")] = load_yaml(value)
         except yaml.YAMLError:

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from ..progress import Progress as ProgressCallback
 
-out = Console()  # results
-err = Console(stderr=True)  # messages, progress
+out = Console(emoji=False)  # results; no :name: emoji codes in what users and files wrote
+err = Console(stderr=True, emoji=False)  # messages, progress
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal escapes and other control characters
 
 
@@ -44,12 +44,17 @@ def progress_bars(transient: bool = False) -> Iterator[ProgressCallback]:
     tasks: dict[str, Any] = {}
 
     def update(what: str, done: int, total: int, info: str = "") -> None:
+        if not tasks:
+            bar.start()  # only once there is work to show: a command refused at once prints one line
         if what not in tasks:
             tasks[what] = bar.add_task(what, total=total, info="")
         bar.update(tasks[what], completed=done, total=total, info=info)
 
-    with bar:
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def sample_summary(s: dict[str, Any]) -> None:

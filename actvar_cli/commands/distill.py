@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..files import check_not_input
 from ..progress import Progress
 from ..quant.apply import file_scheme, refuse_quantized
@@ -56,7 +57,7 @@ def run(req: DistillRequest, progress: Progress | None = None) -> DistillResult:
     check_not_input(Path(req.out_dir) / "model.safetensors", (source,))
     refuse_quantized(file_scheme(source), req.model, "distil the float model, then quantize the result")
     Recipe().override(**req.settings)  # unknown keys fail before anything is loaded
-    loaded = load_models(source, vae=req.vae, teacher=req.teacher or AUTO, actvar=True)
+    loaded = _load(source, req.stage, vae=req.vae, teacher=req.teacher)
     job = DistillJob(
         stage=req.stage,
         out_dir=Path(req.out_dir),
@@ -95,6 +96,18 @@ def training_models(loaded: Loaded) -> Models:
     )
 
 
-def load_training_models(model: str, *, vae: str | None = None, teacher: str | None = None) -> Models:
+def load_training_models(model: str, *, stage: int = 2, vae: str | None = None, teacher: str | None = None) -> Models:
     """``training_models`` of a model named as on the command line (on the CPU)."""
-    return training_models(load_models(model, vae=vae, teacher=teacher or AUTO, actvar=True))
+    return training_models(_load(model, stage, vae=vae, teacher=teacher))
+
+
+def _load(model: str, stage: int, *, vae: str | None, teacher: str | None) -> Loaded:
+    """The student, teacher and VQVAE. Stage 1 needs an ActVAR model (routers, selectors); stage 2
+    also trains a dense model that runs some scales without guidance (guidance distillation)."""
+    loaded = load_models(model, vae=vae, teacher=teacher or AUTO, actvar=stage == 1, sparse=True)
+    if not loaded.model.is_actvar and not (loaded.model.policy and loaded.model.policy.guidance_off):
+        raise ConfigError(
+            f"{model} has nothing for stage 2 to train",
+            "convert it with `actvar moefy`, or turn guidance off (`actvar moefy MODEL --method cfg-off:N`)",
+        )
+    return loaded

@@ -69,6 +69,8 @@ class EvalRequest:
             raise ConfigError("nothing to evaluate", "ask for --fid/--is/--prc, or --teacher")
         if self.num is not None and self.num < 1:
             raise ConfigError(f"--num {self.num}: must be at least 1")
+        if (self.fid or self.prc) and self.num is not None and self.num < 2:
+            raise ConfigError(f"--num {self.num}: FID and precision/recall need at least 2 samples")
         if self.psnr_images is not None and self.psnr_images < 0:
             raise ConfigError(f"--psnr-images {self.psnr_images}: must be 0 or more")
         if self.batch_size < 1:

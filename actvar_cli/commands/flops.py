@@ -66,7 +66,12 @@ def run(req: FlopsRequest) -> FlopsResult:
     if req.experts is not None:
         check_expert_count(cfg.ffn_dim, req.experts)
     if req.method is not None:
-        policy = stack_policy(parse_stack(req.method), len(cfg.patch_nums), stored) or SparsityPolicy.dense()
+        stack = parse_stack(req.method)
+        if stack.model_file:
+            raise ConfigError(
+                f"--method {req.method}: names a model file", f"count it as the model: flops {stack.model_file}"
+            )
+        policy = stack_policy(stack, len(cfg.patch_nums), stored) or SparsityPolicy.dense()
     else:
         base = Recipe().override(scales=_last_two(cfg))
         base = base.with_policy(stored) if stored is not None else base

@@ -76,16 +76,22 @@ def load_models(
 
     ``vae``: a name, None (the one the model records, else the cached official one) or False
     (no VQVAE). ``teacher``: a name, ``auto`` (the base the model records) or None (none).
-    ``actvar``: the model must be an ActVAR model; ``sparse``: it must carry a sparsity policy (an
-    ActVAR model, or another method's or stack's model file).
+    ``actvar``: the model must be an ActVAR model; ``sparse``: it must be made cheaper than a dense
+    VAR (a sparsity policy: an ActVAR model, another method's or a stack's file; or quantized weights).
     """
     source = resolve(model)
     sd, info = read_checkpoint(source, num_heads)
     require_var(info)
     if actvar and info.kind != "actvar":
-        raise ConfigError(f"{model} is a dense VAR, not an ActVAR model", "convert it first with `actvar moefy`")
-    if sparse and info.policy is None:
-        raise ConfigError(f"{model} is a dense VAR with no sparsity policy", "make one with `actvar moefy`")
+        raise ConfigError(
+            f"{model} has no experts, routers or selectors (not an ActVAR model)",
+            "convert it with `actvar moefy` and a policy that prunes tokens or experts",
+        )
+    if sparse and info.policy is None and info.quantization is None:
+        raise ConfigError(
+            f"{model} is the dense VAR as it is (no sparsity policy, no quantized weights)",
+            "make a cheaper model with `actvar moefy` or `actvar quantize`",
+        )
     loaded = Loaded(build_var_from_state_dict(sd, info), info, source)
     if vae is not False:
         loaded.vae_source = find_vae(info.metadata, vae or None)

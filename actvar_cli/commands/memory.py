@@ -78,8 +78,10 @@ def _check(req: MemoryRequest) -> None:
         raise ConfigError(f"--train {req.train!r}", "use stage1 or stage2")
     if req.device not in ("cuda", "cpu"):
         raise ConfigError(f"--device {req.device!r}", "use cuda or cpu")
-    if req.shard < 1 or (req.shard > 1 and not req.train):
-        raise ConfigError(f"--shard {req.shard}: FSDP shards training, over 1 or more processes")
+    if req.shard < 1:
+        raise ConfigError(f"--shard {req.shard}: must be 1 or more processes")
+    if req.shard > 1 and not req.train:
+        raise ConfigError(f"--shard {req.shard}: FSDP shards training", "add --train stage1 or stage2")
 
 
 def _model(req: MemoryRequest):
@@ -93,6 +95,10 @@ def _model(req: MemoryRequest):
         cfg, policy, quant, name = arch_config(req.arch), None, None, req.arch
     if req.method:
         stack = parse_stack(req.method)
+        if stack.model_file:
+            raise ConfigError(
+                f"--method {req.method}: names a model file", f"plan it as the model: memory {stack.model_file}"
+            )
         if any(f in CONVERTED for f in stack.families) and not cfg.num_experts:
             check_expert_count(cfg.ffn_dim, req.experts)
             cfg = cfg.replace(num_experts=req.experts)
@@ -114,11 +120,15 @@ def _trainable(cfg, stage: int) -> float:
 
 
 def _sharded(plan: MemoryPlan, shard: int) -> MemoryPlan:
-    """FSDP full sharding: parameters, gradients and AdamW state (and the frozen teacher) split over
-    the processes; activations stay per process."""
+    """FSDP full sharding: the student's parameters, gradients and AdamW state split over the
+    processes. The frozen teacher is not wrapped (only the student goes through Accelerate's
+    prepare), so every process holds it whole; activations stay per process."""
     if shard == 1:
         return plan
-    for k in ("student", "gradients", "adamw_state", "teacher"):
+    for k in ("student", "gradients", "adamw_state"):
         plan.components[k] /= shard
-    plan.notes["sharding"] = f"FSDP FULL_SHARD over {shard} processes: weights and optimizer state / {shard}"
+    plan.notes["sharding"] = (
+        f"FSDP FULL_SHARD over {shard} processes: the student's weights and optimizer state / {shard};"
+        " the teacher stays whole on every process"
+    )
     return plan

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..errors import ConfigError
 from ..files import check_output_file, sha256_file
 from ..models.builtin import weights_path
 from ..models.checkpoint import CheckpointInfo, save_model, user_metadata
@@ -28,7 +29,7 @@ class QuantizeRequest:
     source: str
     output: Path
     weights: str = "int8"  # int8 | int4
-    group_size: int = DEFAULT_GROUP_SIZE  # int4 only
+    group_size: int | None = None  # int4 only (None: DEFAULT_GROUP_SIZE)
     num_heads: int | None = None
 
 
@@ -54,7 +55,10 @@ def run(req: QuantizeRequest, progress: Progress | None = None) -> QuantizeResul
     output = Path(req.output)
     source = resolve(req.source)
     check_output_file(output, (".safetensors",), (source,))
-    scheme = make_scheme(req.weights, req.group_size)  # a bad scheme fails before the model is read
+    if req.weights == "int8" and req.group_size is not None:
+        raise ConfigError("--group-size is for int4", "int8 keeps one scale per output row: leave it out")
+    group = DEFAULT_GROUP_SIZE if req.group_size is None else req.group_size
+    scheme = make_scheme(req.weights, group)  # a bad scheme fails before the model is read
     refuse_quantized(file_scheme(source), req.source, "quantize the float model it was made from")
     loaded = load_models(source, vae=False, num_heads=req.num_heads)
     model = loaded.model

@@ -51,7 +51,12 @@ class TuneResult(Result):
 
 def run(req: TuneRequest, progress: Progress | None = None) -> TuneResult:
     req.settings.validate()
-    check_output_file(Path(req.out), (".safetensors",), (resolve(req.base),))
+    candidates = [resolve(c) for c in req.candidates]
+    missing = [c for c in candidates if not Path(c).is_file()]
+    if missing:
+        hint = "give a model file that actvar moefy or distillation wrote"
+        raise ConfigError(f"--candidates {missing[0]}: no such file", hint)
+    check_output_file(Path(req.out), (".safetensors",), (resolve(req.base), *candidates))
     if req.plot is not None and Path(req.plot).suffix.lower() != ".png":
         raise ConfigError(f"--plot {req.plot}: the plot is a .png file")
     check_reference(req.settings.ref)
@@ -59,9 +64,9 @@ def run(req: TuneRequest, progress: Progress | None = None) -> TuneResult:
     runtime = Runtime.pick(req.device, req.dtype)
     base = load_models(req.base, vae=req.vae, runtime=runtime)
     builder = _builder(base, req, runtime)
-    stacks = search_space(len(base.model.cfg.patch_nums), [resolve(c) for c in req.candidates])
+    stacks = search_space(len(base.model.cfg.patch_nums), candidates)
     dense = builder.build("dense")
-    cache = TuneCache(req.cache or cache_dir().parent / "tune", base.model_id)
+    cache = TuneCache(req.cache or cache_dir().parent / "tune", base.model_id, {c: sha256_file(c) for c in candidates})
     tuner = Tuner(builder.build, dense, base.vae, req.settings, runtime, cache, progress)
     report = tuner.search(stacks)
     output = _write(builder, report.chosen, base, req) if report.chosen else None

@@ -197,7 +197,7 @@ def bench(
         "batch_size": batch_size,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "policy": policy.to_dict(),
+        "policy": policy.to_dict() if policy is not None else None,
         "dense": d,
         "sparse": s,
         "speedup": speedup,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,11 +57,17 @@ class TuneSettings:
     inception_weights: str | None = None
 
     def validate(self) -> None:
-        if not self.max_fid_ratio >= 1:
-            raise ConfigError(f"--max-fid-ratio {self.max_fid_ratio}: must be 1 or more", "e.g. 1.5")
+        if not 1 <= self.max_fid_ratio < math.inf:
+            raise ConfigError(f"--max-fid-ratio {self.max_fid_ratio}: must be a number, 1 or more", "e.g. 1.5")
         if self.objective not in ("speedup", "flops"):
             raise ConfigError(f"--objective {self.objective!r}", "use speedup or flops")
-        for name, value in (("--num", self.num), ("--max-evals", self.max_evals), ("--repeats", self.repeats)):
+        if self.num < 2:
+            raise ConfigError(f"--num {self.num}: must be at least 2", "FID needs two samples or more")
+        for name, value in (
+            ("--max-evals", self.max_evals),
+            ("--repeats", self.repeats),
+            ("--batch-size", self.batch_size),
+        ):
             if value < 1:
                 raise ConfigError(f"{name} {value}: must be at least 1")
         if not self.time_limit_s > 0:
@@ -99,13 +106,15 @@ class TuneReport:
 
 
 class TuneCache:
-    """Evaluated points as JSON files, keyed by base model, stack, seed, sample count and measure."""
+    """Evaluated points as JSON files, keyed by base model, stack (with the sha256 of each model file
+    it names), seed, sample count and measure."""
 
-    def __init__(self, folder: Path, base_id: str):
-        self.folder, self.base_id = Path(folder), base_id
+    def __init__(self, folder: Path, base_id: str, file_ids: dict[str, str] | None = None):
+        self.folder, self.base_id, self.file_ids = Path(folder), base_id, dict(file_ids or {})
 
     def _path(self, kind: str, stack: str, settings: TuneSettings) -> Path:
-        key = [self.base_id, kind, stack, settings.seed, settings.ref]
+        files = sorted(sha for path, sha in self.file_ids.items() if f"actvar:{path}" in stack)
+        key = [self.base_id, kind, stack, *files, settings.seed, settings.ref]
         key += [settings.signal_images] if kind == "signal" else [settings.num, settings.batch_size, settings.repeats]
         return self.folder / f"{kind}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
 
@@ -257,7 +266,10 @@ class Tuner:
     def _order(self, points: list[Point], cap: float):
         """The promising points in the order they are fully evaluated: the front of FLOPs saved against
         drift, bisected from its cheapest end to find where the cap falls, then the boundary's
-        neighbours, then the rest of the front and the next layer."""
+        neighbours, then the rest of the front and the next layer. The models the user named
+        (``--candidates``) come first, alone: the cheap signal measures drift from the dense images,
+        and a model trained to draw other images (guidance distillation) would never be reached."""
+        yield from (p for p in points if p.stack.startswith("actvar:") and "+" not in p.stack)
         front = _front_of(points)  # cheapest (most FLOPs saved) first
         rest = _front_of([p for p in points if p not in front])
         lo, hi = 0, len(front) - 1

@@ -306,6 +306,14 @@ class VAR(nn.Module):
                 segs.append(SparseSegment(si, bg, ed, kt, kw))
         return segs
 
+    def delta_scale(self, policy: SparsityPolicy | None) -> int | None:
+        """The first scale (0-based) the deltas act at: the first one the policy changes, sparse or
+        run without guidance. None: the policy changes nothing, and neither do the deltas."""
+        firsts = [seg.scale_index for seg in self.sparse_segments(policy)[:1]]
+        if policy is not None and policy.guidance_off:
+            firsts.append(len(self.cfg.patch_nums) - policy.guidance_off)
+        return min(firsts, default=None)
+
     # -- teacher forcing ---------------------------------------------------------------
 
     def embed_teacher_forcing(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> tuple:
@@ -334,7 +342,8 @@ class VAR(nn.Module):
                 f"the {policy.token_rule}/{policy.expert_rule} rules are training-free", "do not distil them"
             )
         segments = self.sparse_segments(policy)
-        where = (self.lvl_1L[0] >= segments[0].scale_index).float() if segments else None  # L: from the first sparse
+        first = self.delta_scale(policy)
+        where = (self.lvl_1L[0] >= first).float() if first is not None else None  # L: from the first changed scale
         with self.deltas_at(where):
             return self._teacher_forcing(label_B, x_BLCv_wo_first_l, policy, segments, collect_aux)
 
@@ -378,8 +387,8 @@ class VAR(nn.Module):
         state: sparse.GenerationState | None = None,
     ) -> torch.Tensor:
         """Run all blocks on scale ``si``'s tokens (with the KV cache); returns logits (B, n, V)."""
-        segments = self.sparse_segments(policy)
-        with self.deltas_at("all" if segments and si >= segments[0].scale_index else None):
+        first = self.delta_scale(policy)
+        with self.deltas_at("all" if first is not None and si >= first else None):
             return self._step(x_BnC, cond_BD, si, cache, policy=policy, state=state)
 
     def _step(self, x_BnC, cond_BD, si: int, cache: list[LayerCache], *, policy, state) -> torch.Tensor:

@@ -110,7 +110,8 @@ def _scale_flops(
 
 
 def _delta_flops(cfg: VARConfig, plan: ScalePlan) -> float:
-    """The sparse-scale deltas (rank r): x A^T B^T on qkv's and proj's tokens and on the head."""
+    """The deltas (rank r) from the first scale the policy changes: x A^T B^T on qkv's and proj's
+    tokens and on the head."""
     C, r, rows = cfg.embed_dim, cfg.delta_rank, 2 if plan.guided else 1
     qkv_tokens = plan.tokens if plan.skipped_kv else plan.keep_tokens
     per_block = qkv_tokens * (C + 3 * C) + plan.keep_tokens * (C + C)
@@ -159,7 +160,7 @@ def count_flops(
             s.sparse = _scale_flops(
                 cfg, plan, kv_sparse, experts_per_token=per_token, num_experts=N, selector_blocks=blocks
             )
-            deltas_on = deltas_on or plan.sparse_tokens or plan.sparse_experts(N)
+            deltas_on = deltas_on or plan.sparse_tokens or plan.sparse_experts(N) or not plan.guided
             s.sparse["deltas"] = _delta_flops(cfg, plan) if deltas_on and cfg.delta_rank else 0.0
         else:
             s.sparse, s.kept_tokens = dict.fromkeys(COMPONENTS, 0.0), 0  # a skipped scale costs nothing

@@ -31,7 +31,7 @@ from ..models.checkpoint import save_model, user_metadata
 from ..models.var import VAR
 from ..progress import Progress
 from .data import TokenSource, open_source, sample_ids, steps_for
-from .losses import stage1_loss, stage2_loss
+from .losses import guided_logits, stage1_loss, stage2_loss
 from .optimizer import lr_lambda, make_optimizer
 from .recipes import Recipe
 from .run_folder import RunFolder, run_identity
@@ -198,8 +198,8 @@ def _prepare_models(models: Models, device) -> None:
     models.teacher.eval().requires_grad_(False)
     models.vae.eval().requires_grad_(False)
     models.student.train()
-    if not models.student.sparse_segments(models.student.policy):
-        raise ConfigError("the model's policy makes nothing sparse", "check its scales and rates")
+    if models.student.delta_scale(models.student.policy) is None:
+        raise ConfigError("the model's policy changes nothing to distil", "check its scales, rates and cfg-off")
 
 
 def setup(job: DistillJob, models: Models, progress: Progress | None = None) -> Run:
@@ -321,16 +321,32 @@ def _micro_step(run: Run, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tenso
                     router_target=recipe.router_target,
                 )
             else:
-                with torch.no_grad():
-                    t_out = run.teacher.forward_train(labels, x)
-                start = segments[0].start if student.cfg.delta_rank else 0  # before it, student == teacher
-                loss, terms = stage2_loss(out, t_out, gt, start=start, kl=recipe.stage2_kl)
+                loss, terms = _stage2(run, out, labels, x, gt)
         acc.backward(loss)
         if acc.sync_gradients:
             terms["grad_norm"] = acc.clip_grad_norm_(run.params, recipe.grad_clip).detach().float()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     return terms
+
+
+def _stage2(run: Run, out, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tensor):
+    """Stage 2's loss: from the first scale the policy changes (where the deltas start; before it the
+    student is the teacher), with the guided teacher as the target where guidance is off."""
+    student, recipe, policy = run.student, run.job.recipe, run.student.policy
+    S = len(student.cfg.patch_nums)
+    with torch.no_grad():
+        t_out = run.teacher.forward_train(labels, x)
+        guided_from = None
+        if policy.guidance_off:
+            first = S - policy.guidance_off
+            uncond = run.teacher.forward_train(torch.full_like(labels, student.num_classes), x).logits
+            cfg = recipe.stage2_cfg
+            t_out.logits = guided_logits(t_out.logits, uncond, labels, cfg=cfg, model=student, first=first)
+            guided_from = student.begin_ends[first][0]
+    first_changed = student.delta_scale(policy)
+    start = student.begin_ends[first_changed][0] if student.cfg.delta_rank else 0
+    return stage2_loss(out, t_out, gt, start=start, kl=recipe.stage2_kl, guided_from=guided_from)
 
 
 def finish(run: Run, seconds: float) -> dict[str, Any]:

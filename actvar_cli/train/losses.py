@@ -170,23 +170,51 @@ def _overlap(keep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def stage2_loss(
-    out: TrainOutput, teacher: TrainOutput, gt_BL: torch.Tensor, *, start: int = 0, kl: str = "reverse"
+    out: TrainOutput,
+    teacher: TrainOutput,
+    gt_BL: torch.Tensor,
+    *,
+    start: int = 0,
+    kl: str = "reverse",
+    guided_from: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supp. eq. 22: L_cls + KL + (1/D) sum_b MSE(student hidden, teacher hidden), over the positions
     from ``start`` on (the first sparse scale's, when the scales before it cannot change). ``kl``:
-    ``reverse`` is the paper's KL(p_student || p_teacher), ``forward`` KL(p_teacher || p_student)."""
+    ``reverse`` is the paper's KL(p_student || p_teacher), ``forward`` KL(p_teacher || p_student).
+
+    From ``guided_from`` on (the scales that run without guidance) the teacher's logits are its
+    guided ones: there only the KL applies, since the data and the teacher's conditional hidden
+    states are not what those scales should now produce."""
+    end = out.logits.shape[1] if guided_from is None else max(start, guided_from)
     logits_s, logits_t = out.logits[:, start:], teacher.logits[:, start:]
-    l_cls = cls_loss(logits_s, gt_BL[:, start:])
+    l_cls = cls_loss(logits_s[:, : end - start], gt_BL[:, start:end]) if end > start else logits_s.new_zeros(())
     logp_s = logits_s.float().log_softmax(-1)
     logp_t = logits_t.float().log_softmax(-1)
     first, second = (logp_s, logp_t) if kl == "reverse" else (logp_t, logp_s)
     l_f = (first.exp() * (first - second)).sum(-1).mean()
     pairs = zip(out.hidden, teacher.hidden)
-    l_b = torch.stack([F.mse_loss(s[:, start:].float(), t[:, start:].float()) for s, t in pairs]).mean()
+    l_b = (
+        torch.stack([F.mse_loss(s[:, start:end].float(), t[:, start:end].float()) for s, t in pairs]).mean()
+        if end > start
+        else logits_s.new_zeros(())
+    )
     loss = l_cls + l_f + l_b
     agree = (logits_s.argmax(-1) == logits_t.argmax(-1)).float().mean()
     terms = {"loss": loss, "cls": l_cls, "kl": l_f, "hidden_mse": l_b, "token_agreement": agree}
     return loss, {k: v.detach().float() for k, v in terms.items()}
+
+
+def guided_logits(
+    cond_BLV: torch.Tensor, uncond_BLV: torch.Tensor, labels_B: torch.Tensor, *, cfg: float, model: VAR, first: int
+) -> torch.Tensor:
+    """The teacher's logits with guidance as sampling applies it (``(1 + t) c - t u``, t = cfg times
+    the scale's ratio) at the scales from ``first`` on, for rows with a class; the rest as given."""
+    S = len(model.cfg.patch_nums)
+    t_L = cfg * model.lvl_1L[0].float() / (S - 1)  # the scale's ratio at each position
+    t_L = torch.where(model.lvl_1L[0] >= first, t_L, torch.zeros_like(t_L))
+    t_BL = t_L[None, :] * (labels_B < model.num_classes).float()[:, None]  # dropped labels: unguided
+    t = t_BL[..., None]
+    return ((1 + t) * cond_BLV.float() - t * uncond_BLV.float()).to(cond_BLV.dtype)
 
 
 @torch.no_grad()

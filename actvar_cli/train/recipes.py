@@ -62,6 +62,7 @@ class Recipe:
     pseudo_label_temperature: float = 1.0
     delta_rank: int = 0  # stage 2 trains sparse-scale deltas of this rank; 0: attention, experts, head everywhere
     stage2_kl: str = "reverse"  # the paper's KL(student || teacher), or forward: KL(teacher || student)
+    stage2_cfg: float = 1.5  # scales without guidance (cfg-off) learn the teacher's guidance at this cfg
     teacher_samples_per_epoch: int = 1_281_167
     shapes_samples_per_epoch: int = 10_000
     teacher_cfg: float = 0.0
@@ -98,7 +99,10 @@ class Recipe:
         )
 
     def with_policy(self, policy: SparsityPolicy) -> Recipe:
-        """This recipe with a model's stored policy as its scales and rates."""
+        """This recipe with a model's stored policy as its scales and rates (a policy that only turns
+        guidance off has none: the recipe's stay, unused)."""
+        if not policy.scales:
+            return self
         return self.override(
             scales=list(policy.scales),
             token_rates=list(policy.token_rates),
@@ -161,6 +165,7 @@ RULES: dict[str, tuple[str, float, float]] = {
     "pseudo_label_temperature": ("float", 1e-6, 1e6),
     "delta_rank": ("int", 0, 4096),
     "stage2_kl": ("str", 0, 0),
+    "stage2_cfg": ("float", 0, 100),
     "teacher_samples_per_epoch": ("int", 1, 1 << 40),
     "shapes_samples_per_epoch": ("int", 1, 1 << 40),
     "teacher_cfg": ("float", 0, 100),

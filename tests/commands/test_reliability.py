@@ -331,3 +331,36 @@ def test_every_one_line_error_still_has_its_traceback_under_debug(tmp_path):
         cwd=ROOT,
     )
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# -- round 4: what a probe of the new commands found ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["tune", "tiny", "--ref", "shapes", "--out", "t.safetensors", "--batch-size", "0"], ["--batch-size 0"]),
+        (["tune", "tiny", "--ref", "shapes", "--out", "t.safetensors", "--num", "1"], ["--num 1", "two samples"]),
+        (["tune", "tiny", "--ref", "shapes", "--out", "t.safetensors", "--max-fid-ratio", "inf"], ["inf"]),
+        (["tune", "tiny", "--ref", "shapes", "--out", "t.safetensors", "--candidates", "gone.safetensors"], ["gone"]),
+        (["eval", "tiny", "--fid", "--ref", "shapes", "--num", "1"], ["--num 1", "at least 2"]),
+        (["flops", "tiny", "--method", "actvar:gone.safetensors"], ["names a model file"]),
+        (["memory", "--arch", "tiny", "--method", "actvar:gone.safetensors"], ["names a model file"]),
+        (["memory", "--arch", "tiny", "--shard", "3"], ["--train"]),
+        (["quantize", "tiny", "--weights", "int8", "--group-size", "7", "-o", "q.safetensors"], ["int4"]),
+        (["distill-stage2", "tiny", "--out-dir", "s2", "--set", "stage2_cfg="], ["no value"]),
+    ],
+)
+def test_new_commands_refuse_bad_values_before_any_work(run_cli, tmp_path, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    r = run_cli(*args, expect=2)
+    one_line_error(r, *words)
+    assert r.stderr.startswith("error:"), repr(r.stderr)  # no blank line from a progress bar that never ran
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_emoji_codes_in_user_text_are_shown_as_written(run_cli):
+    r = run_cli("flops", "tiny", "--method", "fastvar:-1", expect=2)
+    one_line_error(r, "fastvar:-1")
+    r = run_cli("inspect", "a:thumbsup:b.safetensors", expect=2)
+    one_line_error(r, "a:thumbsup:b.safetensors")

@@ -84,7 +84,7 @@ def test_fid_without_inception_weights_is_a_clear_error(run_cli, tiny_actvar, tm
     ref.mkdir()
     for name in ("a.png", "b.png"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(ref / name)
-    r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--ref", ref, "--classes", "0", "--num", "1",
+    r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--ref", ref, "--classes", "0", "--num", "2",
                 "--out", tmp_path / "o", expect=2)  # fmt: skip
     assert INCEPTION_FILE in r.stderr and "--inception-weights" in r.stderr
     r = run_cli("eval", tiny_actvar, "--vae", "tiny", "--fid", "--out", tmp_path / "o", expect=2)

@@ -316,10 +316,12 @@ def test_training_and_conversion_refuse_a_quantized_model(tiny_int8, tmp_path, r
 
 
 @pytest.mark.slow
-def test_sample_flops_and_eval_run_on_a_quantized_model(tiny_int8, tmp_path, run_cli):
+def test_sample_flops_eval_and_bench_run_on_a_quantized_model(tiny_int8, tmp_path, run_cli):
     summary = json.loads(run_cli("sample", tiny_int8, "--classes", "0,1", "--out", tmp_path / "s", "--json").stdout)
     assert summary["images"] == 2 and (tmp_path / "s" / "grid.png").exists()
     flops = json.loads(run_cli("flops", tiny_int8, "--json").stdout)
     assert flops
     report = json.loads(run_cli("eval", tiny_int8, "--teacher", "tiny", "--num", "2", "--json").stdout)
     assert report["token_agreement"] > 0.9 and report["logit_kl"] < 0.01
+    bench = json.loads(run_cli("bench", "tiny", tiny_int8, "--batch-size", "1", "--repeats", "1", "--json").stdout)
+    assert bench["savings"] == 0 and bench["speedup"] > 0  # the same FLOPs, another kernel

@@ -250,3 +250,36 @@ def test_stage1_trains_the_fixed_rules_one_choice(tiny_actvar, tmp_path):
     for name, p in trained.named_parameters():
         expected = "router" in name or name.startswith("blocks.0.selector")
         assert (not torch.equal(p, before[name])) == expected, name
+
+
+@pytest.mark.slow
+def test_guidance_distillation_teaches_the_cfg_off_scales_the_guided_teacher(tmp_path, run_cli):
+    """A dense model with cfg-off:2 trains deltas that act only at the last two scales: there the
+    conditional rows move toward the teacher's guided distribution; before them nothing changes."""
+    from actvar_cli.generation.sampling import generate, image_generators
+    from actvar_cli.train.losses import guided_logits
+
+    run_cli("moefy", "tiny", "--method", "cfg-off:2", "-o", tmp_path / "c2.safetensors")
+    distil(tmp_path / "c2.safetensors", stage=2, out_dir=tmp_path / "s2", recipe=tiny_recipe(global_batch=8),
+           batch_size=8, max_steps=30)  # fmt: skip
+    student, info = load_var(tmp_path / "s2" / "model.safetensors")
+    teacher, vae = load_var("tiny")[0], load_vae("tiny")[0]
+    assert student.policy.guidance_off == 2 and student.cfg.delta_rank == tiny_recipe().delta_rank
+    labels = torch.arange(16) % 10
+    with torch.no_grad():
+        gen = generate(teacher, vae, labels, rng=image_generators(123, range(16), torch.device("cpu")))
+        x = vae.quantize.idx_to_var_input(gen.tokens)
+        cond, uncond = teacher(labels, x), teacher(torch.full_like(labels, 10), x)
+        first = len(teacher.cfg.patch_nums) - 2
+        target = guided_logits(cond, uncond, labels, cfg=1.5, model=teacher, first=first).log_softmax(-1)
+        mine = student.forward_train(labels, x, policy=student.policy).logits.log_softmax(-1)
+    start = teacher.begin_ends[first][0]
+
+    def kl(logp):  # KL(guided teacher || model) at the cfg-off scales
+        return (target[:, start:].exp() * (target[:, start:] - logp[:, start:])).sum(-1).mean().item()
+
+    print("KL to the guided teacher: before", kl(cond.log_softmax(-1)), "after", kl(mine))
+    assert kl(mine) < kl(cond.log_softmax(-1)) - 0.01
+    assert torch.equal(mine[:, :start], cond.log_softmax(-1)[:, :start])  # the guided scales: the teacher's own
+    flops = json.loads(run_cli("flops", tmp_path / "s2" / "model.safetensors", "--json").stdout)
+    assert 0.1 < flops["savings"] < 0.5  # the last two scales' unconditional rows, less the deltas
