@@ -10,7 +10,7 @@ from ..models.checkpoint import read_checkpoint
 from ..models.config import arch_config, check_expert_count, official_var_config
 from ..sparsity.flops import FlopsReport, count_flops, paper_eq12_savings
 from ..sparsity.policy import SparsityPolicy
-from ..sparsity.stacks import parse_stack, stack_policy
+from ..sparsity.stacks import parse_stack, refuse_model_file, stack_policy
 from ..train.recipes import Recipe, with_policy_flags
 from .loading import resolve
 from .result import Result
@@ -67,10 +67,7 @@ def run(req: FlopsRequest) -> FlopsResult:
         check_expert_count(cfg.ffn_dim, req.experts)
     if req.method is not None:
         stack = parse_stack(req.method)
-        if stack.model_file:
-            raise ConfigError(
-                f"--method {req.method}: names a model file", f"count it as the model: flops {stack.model_file}"
-            )
+        refuse_model_file(stack, "flops")
         policy = stack_policy(stack, len(cfg.patch_nums), stored) or SparsityPolicy.dense()
     else:
         base = Recipe().override(scales=_last_two(cfg))

@@ -17,7 +17,7 @@ from ..models.checkpoint import read_checkpoint
 from ..models.config import BUILTIN_NAME, REFERENCE_VAE_CONFIG, VAEConfig, arch_config
 from ..quant.apply import make_scheme
 from ..sparsity.experts import check_expert_count
-from ..sparsity.stacks import parse_stack, stack_policy
+from ..sparsity.stacks import parse_stack, refuse_model_file, stack_policy
 from ..train.recipes import pick_recipe
 from .loading import resolve
 from .result import Result
@@ -95,10 +95,7 @@ def _model(req: MemoryRequest):
         cfg, policy, quant, name = arch_config(req.arch), None, None, req.arch
     if req.method:
         stack = parse_stack(req.method)
-        if stack.model_file:
-            raise ConfigError(
-                f"--method {req.method}: names a model file", f"plan it as the model: memory {stack.model_file}"
-            )
+        refuse_model_file(stack, "memory")
         if any(f in CONVERTED for f in stack.families) and not cfg.num_experts:
             check_expert_count(cfg.ffn_dim, req.experts)
             cfg = cfg.replace(num_experts=req.experts)

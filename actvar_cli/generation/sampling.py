@@ -148,6 +148,11 @@ def _drop_unconditional_rows(cache: list, state: GenerationState, rows: int) -> 
     state.keep_rows(rows)
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance as upstream applies it: ``(1 + t) c - t u``."""
+    return (1 + t) * cond - t * uncond
+
+
 @torch.no_grad()
 def generate(
     model: VAR,
@@ -192,7 +197,7 @@ def generate(
             _drop_unconditional_rows(cache, state, B)
         logits = model.generation_step(x, cond_BD, si, cache, policy=policy, state=state)
         t = opts.cfg * ratio
-        guided = ((1 + t) * logits[:B] - t * logits[B:]).float() if logits.shape[0] == 2 * B else logits.float()
+        guided = guide(logits[:B], logits[B:], t).float() if logits.shape[0] == 2 * B else logits.float()
         if keep_logits:
             out.logits.append(logits.float())
             out.guided.append(guided)

@@ -58,9 +58,10 @@ class LayerCache:
                 raise ValueError(f"the KV cache holds {self._k.shape[2]} tokens, and {end} were given")
             for which, (buf, new) in enumerate(((self._k, k), (self._v, v))):
                 if self.bits:
-                    scale = new.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # B, H, n, 1
+                    new = new.float()
+                    scale = new.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127  # B, H, n, 1
                     self._scales[which, :, :, self.length : end] = scale
-                    new = (new.float() / scale).round().clamp(-127, 127)
+                    new = (new / scale).round().clamp(-127, 127)
                 buf[:, :, self.length : end] = new
         self.length += n
         return self.k, self.v

@@ -387,6 +387,8 @@ class VAR(nn.Module):
         state: sparse.GenerationState | None = None,
     ) -> torch.Tensor:
         """Run all blocks on scale ``si``'s tokens (with the KV cache); returns logits (B, n, V)."""
+        if not self.cfg.delta_rank:  # no deltas: nothing to switch (the step stays one graph)
+            return self._step(x_BnC, cond_BD, si, cache, policy=policy, state=state)
         first = self.delta_scale(policy)
         with self.deltas_at("all" if first is not None and si >= first else None):
             return self._step(x_BnC, cond_BD, si, cache, policy=policy, state=state)

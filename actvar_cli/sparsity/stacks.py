@@ -53,6 +53,13 @@ class Stack:
         return self.families[0] if len(self.parts) == 1 else "stack"
 
 
+def refuse_model_file(stack: Stack, command: str) -> None:
+    """Commands that take the model as their argument do not take it again inside ``--method``."""
+    if stack.model_file:
+        hint = f"give it as the model: {command} {stack.model_file}"
+        raise ConfigError(f"--method {stack.name}: names a model file", hint)
+
+
 def parse_stack(spec: str) -> Stack:
     """``fastvar:0.5``, ``cfg-off:1+fixed-tokens:0.75+skipped-kv``, ``actvar:PATH+int8``, ..."""
     pieces = [p.strip() for p in spec.split("+")]

@@ -305,7 +305,6 @@ def train_step(run: Run) -> StepDone:
 
 def _micro_step(run: Run, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
     acc, recipe, student = run.acc, run.job.recipe, run.student
-    segments = student.sparse_segments(student.policy)
     with acc.accumulate(run.wrapper):
         with acc.autocast():
             out = run.wrapper(labels, x, run.job.stage == 1)["out"]
@@ -314,7 +313,7 @@ def _micro_step(run: Run, labels: torch.Tensor, x: torch.Tensor, gt: torch.Tenso
                     student,
                     out,
                     gt,
-                    segments=segments,
+                    segments=student.sparse_segments(student.policy),
                     alpha=recipe.alpha,
                     beta=recipe.beta,
                     temperature=recipe.pseudo_label_temperature,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..generation.sampling import SamplingOptions
+from ..generation.sampling import SamplingOptions, guide
 from ..measure.agreement import held_out_batches
 from ..models.var import VAR, TrainOutput
 from ..runtime import CPU, Runtime
@@ -214,7 +214,7 @@ def guided_logits(
     t_L = torch.where(model.lvl_1L[0] >= first, t_L, torch.zeros_like(t_L))
     t_BL = t_L[None, :] * (labels_B < model.num_classes).float()[:, None]  # dropped labels: unguided
     t = t_BL[..., None]
-    return ((1 + t) * cond_BLV.float() - t * uncond_BLV.float()).to(cond_BLV.dtype)
+    return guide(cond_BLV.float(), uncond_BLV.float(), t).to(cond_BLV.dtype)
 
 
 @torch.no_grad()
