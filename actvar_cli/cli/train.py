@@ -13,9 +13,11 @@ from .render import distill_summary, kv_table, out
 
 DISTILL_LOSS = {
     1: "Loss (supp. eq. 19): L_cls + sum over blocks of alpha (L_dis^w + L_dis^t) + beta (L_bl^w + L_bl^t).",
-    2: "Loss (supp. eq. 22): L_cls + KL(student || teacher) + mean over blocks of the hidden-state MSE.",
+    2: "Loss (supp. eq. 22): L_cls + KL + mean over blocks of the hidden-state MSE, from the first scale the "
+    "policy changes (KL direction: the recipe's stage2_kl). A model made with `moefy MODEL --method cfg-off:N` "
+    "learns the guided teacher at its last N scales (guidance distillation).",
 }
-TRAINS = {1: "the routers and selectors", 2: "the experts, attention and head"}
+TRAINS = {1: "the routers and selectors", 2: "the recipe's deltas (delta_rank; 0: the experts, attention and head)"}
 
 
 RECIPE_FLAGS = ("global_batch", "weight_decay", "alpha", "beta", "checkpoint_every", "seed", "precision")
