@@ -100,6 +100,7 @@ def _options(req: MoefyRequest, dense: VAR) -> MoefyOptions:
         calib_images=recipe.calib_images,
         seed=req.seed,
         router_target=recipe.router_target,
+        expert_means=recipe.expert_means,
     )
 
 

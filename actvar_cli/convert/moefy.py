@@ -27,7 +27,7 @@ from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from ..progress import Progress
 from ..runtime import CPU, Runtime
-from ..sparsity.experts import expert_distances, expert_norms
+from ..sparsity.experts import dropped_means, expert_distances, expert_norms
 from ..sparsity.policy import SparsityPolicy
 from .calibration import Calibration, collect_calibration
 
@@ -47,6 +47,7 @@ class MoefyOptions:
     seed: int = 0
     router_fit: str = "pseudo-labels"  # pseudo-labels (ActVAR) | norms (D2DMoE) | static (Table 5)
     router_target: str = "distance"  # ActVAR's pseudo-labels: experts closest to the FFN, or largest (norm)
+    expert_means: bool = False  # add each dropped expert's mean output (fitted on calibration tokens)
 
 
 @dataclass
@@ -216,6 +217,26 @@ def init_from_calibration(model: VAR, calib: Calibration, opts: MoefyOptions, re
         report.router_topk_agreement.append(float(overlap.sum(1).float().mean() / kw))
 
 
+def fit_expert_means(model: VAR, calib: Calibration, policy: SparsityPolicy) -> None:
+    """Each FFN's ``dropped_mean``: its experts' mean outputs over the calibration tokens whose
+    fitted router drops them, under the policy's expert rule at each token's scale."""
+    scale_T = calib.group % max(1, len(policy.scales))  # index into policy.scales
+    for i, block in enumerate(model.blocks):
+        ffn, h = block.ffn, calib.ffn_in[i]
+        logits = ffn.router_logits(h)  # T, N
+        chosen = torch.zeros_like(logits)
+        for k, scale in enumerate(policy.scales):
+            rows = scale_T == k
+            tau = policy.threshold(scale - 1)
+            if tau is not None:
+                norms = logits[rows].clamp_min(0)
+                chosen[rows] = (norms >= tau * norms.max(-1, keepdim=True).values).float()
+            else:
+                top = logits[rows].topk(policy.experts_kept(scale - 1, ffn.num_experts), -1).indices
+                chosen[rows] = torch.zeros_like(logits[rows]).scatter_(1, top, 1.0)
+        ffn.dropped_mean.data.copy_(dropped_means(ffn, h, chosen))
+
+
 def _fit_selector(block, calib: Calibration, i: int, *, eps: float, opts: MoefyOptions, report: MoefyReport) -> None:
     """A score that ranks the tokens of one (row, scale) by how far the block moves them.
 
@@ -287,12 +308,14 @@ def moefy(
         what = "--split coactivation" if opts.split == "coactivation" else f"the {opts.router_fit} router"
         raise ConfigError(f"{what} needs calibration tokens", "pass --vae and --calib-images > 0")
 
-    cfg = dense.cfg.replace(num_experts=opts.num_experts)
+    cfg = dense.cfg.replace(num_experts=opts.num_experts, expert_means=opts.expert_means and calib is not None)
     C, N = cfg.embed_dim, opts.num_experts
     sd = dict(dense.state_dict())
     for i in range(cfg.depth):  # filled below
         sd[f"blocks.{i}.ffn.router.weight"] = torch.zeros(N, C, device=device)
         sd[f"blocks.{i}.ffn.router.bias"] = torch.zeros(N, device=device)
+        if cfg.expert_means:
+            sd[f"blocks.{i}.ffn.dropped_mean"] = torch.zeros(N, C, device=device)
         sd[f"blocks.{i}.selector.weight"] = torch.zeros(1, C, device=device)
         sd[f"blocks.{i}.selector.bias"] = torch.zeros(1, device=device)
     with torch.device("meta"):
@@ -310,6 +333,8 @@ def moefy(
     if calib is not None:
         model.to("cpu")  # the fits run on the CPU in float64
         init_from_calibration(model, calib, opts, report)
+        if cfg.expert_means:
+            fit_expert_means(model, calib, opts.policy)
         model.to(device)
         report.calib_images = calib.images
         report.calib_tokens = int(calib.block_in[0].shape[0])

@@ -94,6 +94,7 @@ class VARConfig:
     norm_eps: float = 1e-6
     num_experts: int = 0
     delta_rank: int = 0  # rank of the sparse-scale deltas stage 2 trains (models/deltas.py); 0: none
+    expert_means: bool = False  # each FFN keeps its experts' mean outputs, added for dropped experts
     vae_stride: int = VAE_PATCH_SIZE  # pixels per last-scale token of the VQVAE it was trained with
 
     def __post_init__(self) -> None:
@@ -106,8 +107,8 @@ class VARConfig:
             raise ValueError(f"patch_nums {self.patch_nums!r} must be positive integers")
         if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and 0 < self.norm_eps < 1):
             raise ValueError(f"norm_eps {self.norm_eps!r} must lie in (0, 1)")
-        if not isinstance(self.shared_aln, bool) or not isinstance(self.attn_l2_norm, bool):
-            raise ValueError("shared_aln and attn_l2_norm must be true or false")
+        if not all(isinstance(v, bool) for v in (self.shared_aln, self.attn_l2_norm, self.expert_means)):
+            raise ValueError("shared_aln, attn_l2_norm and expert_means must be true or false")
         if self.ffn_dim == 0:
             object.__setattr__(self, "ffn_dim", round(4 * self.embed_dim))
         if self.embed_dim % self.num_heads:
@@ -149,7 +150,7 @@ class VARConfig:
     @property
     def dense(self) -> VARConfig:
         """The dense architecture an ActVAR model was made from: no experts, no deltas."""
-        return self.replace(num_experts=0, delta_rank=0)
+        return self.replace(num_experts=0, delta_rank=0, expert_means=False)
 
 
 REFERENCE_VAE_CONFIG = VAEConfig(
@@ -299,6 +300,7 @@ def infer_var_config(
         attn_l2_norm=attn_l2_norm,
         num_experts=num_experts,
         delta_rank=delta_rank,
+        expert_means="blocks.0.ffn.dropped_mean" in keys,
     )
 
 

@@ -32,15 +32,24 @@ from .kv_cache import LayerCache
 
 
 class FFN(nn.Module):
-    """fc1 -> tanh-GELU -> fc2; with ``num_experts`` it also holds the router."""
+    """fc1 -> tanh-GELU -> fc2; with ``num_experts`` it also holds the router, and with
+    ``expert_means`` each expert's mean output over the tokens that do not run it (added in its
+    place: a dropped expert's output is rarely zero on average, docs/actvar.md)."""
 
-    def __init__(self, dim: int, hidden: int, num_experts: int = 0):
+    def __init__(self, dim: int, hidden: int, num_experts: int = 0, expert_means: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
         self.num_experts = num_experts
         self.router = nn.Linear(dim, num_experts) if num_experts else None
+        self.dropped_mean = nn.Parameter(torch.zeros(num_experts, dim)) if num_experts and expert_means else None
+
+    def dropped_output(self, chosen_TN: torch.Tensor) -> torch.Tensor | float:
+        """What the unchosen experts add on average: (T, C), or 0 without expert means."""
+        if self.dropped_mean is None:
+            return 0.0
+        return (1 - chosen_TN).to(self.dropped_mean.dtype) @ self.dropped_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with component("ffn"):
@@ -129,7 +138,7 @@ class Block(nn.Module):
         C = cfg.embed_dim
         self.C = C
         self.attn = SelfAttention(C, cfg.num_heads, cfg.attn_l2_norm)
-        self.ffn = FFN(C, cfg.ffn_dim, cfg.num_experts)
+        self.ffn = FFN(C, cfg.ffn_dim, cfg.num_experts, cfg.expert_means)
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.shared_aln = cfg.shared_aln
         if cfg.shared_aln:
@@ -303,7 +312,7 @@ class VAR(nn.Module):
             kt = policy.tokens_kept(si, ed - bg)
             kw = policy.experts_kept(si, self.cfg.num_experts)
             if kt < ed - bg or kw < self.cfg.num_experts:
-                segs.append(SparseSegment(si, bg, ed, kt, kw))
+                segs.append(SparseSegment(si, bg, ed, kt, kw, prev_start=self.begin_ends[max(si - 1, 0)][0]))
         return segs
 
     def delta_scale(self, policy: SparsityPolicy | None) -> int | None:
@@ -359,9 +368,7 @@ class VAR(nn.Module):
         for b in self.blocks:
             if segments:
                 aux = sparse.BlockAux(block_input=x) if collect_aux else None
-                x = sparse.block_masked(
-                    b, x, cond, causal, segments, aux=aux, choices=choices, skipped_kv=policy.skipped_kv
-                )
+                x = sparse.block_masked(b, x, cond, causal, segments, aux=aux, choices=choices, policy=policy)
                 if aux is not None:
                     auxes.append(aux)
             else:
@@ -398,9 +405,10 @@ class VAR(nn.Module):
         plan = policy.plan(si, self.cfg.patch_nums, self.cfg.num_experts) if policy is not None else None
         dense = plan is None or not (plan.sparse_tokens or plan.sparse_experts(self.cfg.num_experts))
         state = state if state is not None else sparse.GenerationState()
+        recording = state.record_sublayers or (plan is not None and plan.record_update)
         x = x_BnC
         for i, (b, layer_cache) in enumerate(zip(self.blocks, cache)):
-            if dense and not state.record_sublayers:
+            if dense and not recording:
                 x = b(x, cond, None, layer_cache)
             else:
                 x = sparse.block_generate(b, x, cond, layer_cache, plan=plan, state=state, index=i, scale=si)

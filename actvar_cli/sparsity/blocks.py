@@ -2,8 +2,9 @@
 
 Generation (``block_generate``): the tokens a block keeps are gathered into a compact
 (B, K_t, C) tensor, attention and the FFN (dense, or only the chosen experts) run on them,
-and they are scattered back. Skipped tokens pass through unchanged (paper eq. 9), or, with
-FastVAR's rule, receive the previous scale's output of each sublayer. Only kept tokens
+and they are scattered back. Skipped tokens pass through unchanged (paper eq. 9), receive the
+block's update of the previous scale, resized (``skipped_update``), or, with FastVAR's rule,
+the previous scale's output of each sublayer. Only kept tokens
 enter the block's KV cache: a skipped token is not a query and not a key of that block.
 
 Teacher forcing (``block_masked``): the whole sequence at once, with the same choices
@@ -36,11 +37,13 @@ class GenerationState:
     fixed_idx: torch.Tensor | None = None  # (B, K_t) positions kept at scale ``fixed_scale``
     fixed_scale: int = -1
     sublayers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # block -> (attn, ffn)
+    updates: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, n, C) output - input, last scale
     pairs_run: dict[int, int] = field(default_factory=dict)  # scale -> (token, expert) pairs
 
     def keep_rows(self, rows: int) -> None:
         """Guidance turned off: only the first ``rows`` (the conditional ones) go on."""
         self.sublayers = {i: (a[:rows], f[:rows]) for i, (a, f) in self.sublayers.items()}
+        self.updates = {i: u[:rows] for i, u in self.updates.items()}
         if self.fixed_scores is not None:
             self.fixed_scores = self.fixed_scores[:rows]
         if self.fixed_idx is not None:
@@ -96,12 +99,19 @@ def _experts(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, 
     if state.count_pairs:
         state.pairs_run[si] = state.pairs_run.get(si, 0) + int(num_pairs)
     kernel = routing.pick_kernel(state.kernel, ffn, h_TC, num_pairs)
-    if pairs is None:
-        if kernel == "masked":  # no pair list needed
-            chosen_TN = routing.chosen_from_topk(experts_TK, ffn.num_experts)
-            return routing.masked_experts(ffn, h_TC, chosen_TN).view_as(h_BnC)
-        pairs = routing.topk_pairs(experts_TK, ffn.num_experts)
-    return routing.experts_forward(ffn, h_TC, pairs, kernel).view_as(h_BnC)
+    chosen_TN = None
+    if pairs is None and (kernel == "masked" or ffn.dropped_mean is not None):
+        chosen_TN = routing.chosen_from_topk(experts_TK, ffn.num_experts)
+    elif ffn.dropped_mean is not None:
+        chosen_TN = routing.chosen_from_pairs(pairs, h_TC.shape[0], ffn.num_experts)
+    if pairs is None and kernel == "masked":  # no pair list needed
+        y_TC = routing.masked_experts(ffn, h_TC, chosen_TN)
+    else:
+        pairs = pairs if pairs is not None else routing.topk_pairs(experts_TK, ffn.num_experts)
+        y_TC = routing.experts_forward(ffn, h_TC, pairs, kernel)
+    if chosen_TN is not None:
+        y_TC = y_TC + ffn.dropped_output(chosen_TN)
+    return y_TC.view_as(h_BnC)
 
 
 def block_generate(block, x_BnC, cond, cache, *, plan: ScalePlan, state: GenerationState, index: int, scale: int):
@@ -123,9 +133,14 @@ def block_generate(block, x_BnC, cond, cache, *, plan: ScalePlan, state: Generat
         state.sublayers[i] = (attn_out, ffn_out)
     xs = xs + ffn_out
     if idx is None:
-        return xs
-    with component("select"):
-        return scatter(x_BnC, idx, xs)
+        out = xs
+    else:
+        with component("select"):
+            base = x_BnC + _resized(state.updates[i], x_BnC.shape[1]).to(x_BnC.dtype) if plan.skipped_update else x_BnC
+            out = scatter(base, idx, xs)
+    if plan.record_update:
+        state.updates[i] = out - x_BnC
+    return out
 
 
 def _resized(prev_BmC: torch.Tensor, n: int) -> torch.Tensor:
@@ -246,14 +261,13 @@ def _expert_gates(ffn, h, segments, hidden, aux):
     return gate
 
 
-def block_masked(
-    block, x, cond, causal_mask, segments, *, aux: BlockAux | None = None, choices=None, skipped_kv: bool = False
-):
+def block_masked(block, x, cond, causal_mask, segments, *, aux: BlockAux | None = None, choices=None, policy=None):
     """The whole sequence with the generation path's choices expressed as masks.
 
     ``causal_mask`` (1, 1, L, L) bool is VAR's block-causal mask (True = may attend); ``choices``
     are the precomputed token choices of the fixed and centre rules (None: this block's selector).
     """
+    skipped_kv = policy is not None and policy.skipped_kv
     mod = block.modulation(cond)
     token_gate, key_keep = _token_gates(block, x, segments, choices, aux)
     hide_skipped = token_gate is not None and not skipped_kv
@@ -262,7 +276,21 @@ def block_masked(
     y = y + block.ffn_branch(y, mod, ffn=lambda h: _gated_ffn(block.ffn, h, segments, aux))
     if token_gate is None:
         return y
-    return x + token_gate.unsqueeze(-1) * (y - x)
+    y = x + token_gate.unsqueeze(-1) * (y - x)
+    return _fill_skipped(y, x, segments, token_gate) if policy is not None and policy.skipped_update else y
+
+
+def _fill_skipped(y_BLC, x_BLC, segments, gate_BL) -> torch.Tensor:
+    """Skipped tokens receive the block's update of the previous scale, resized, as generation
+    gives it (``skipped_update``); scale by scale, so that a sparse scale's filled update feeds the next."""
+    for seg in segments:
+        if seg.keep_tokens >= seg.length:
+            continue
+        prev_BmC = (y_BLC - x_BLC)[:, seg.prev_start : seg.start]
+        skipped_Bn1 = (1 - gate_BL[:, seg.start : seg.end]).unsqueeze(-1)  # straight-through: 1 where skipped
+        piece = y_BLC[:, seg.start : seg.end] + skipped_Bn1 * _resized(prev_BmC, seg.length)
+        y_BLC = torch.cat((y_BLC[:, : seg.start], piece, y_BLC[:, seg.end :]), dim=1)
+    return y_BLC
 
 
 def _gated_ffn(ffn, h_BLC: torch.Tensor, segments, aux: BlockAux | None) -> torch.Tensor:
@@ -270,7 +298,8 @@ def _gated_ffn(ffn, h_BLC: torch.Tensor, segments, aux: BlockAux | None) -> torc
     B, L, _ = h_BLC.shape
     hidden = ffn.act(ffn.fc1(h_BLC))  # B, L, F
     expert_gate = _expert_gates(ffn, h_BLC, segments, hidden, aux)
-    if expert_gate is not None:
-        N = ffn.num_experts
-        hidden = (hidden.view(B, L, N, -1) * expert_gate.unsqueeze(-1)).view(B, L, -1)  # B,L,N,d_e -> B,L,F
-    return ffn.fc2(hidden)
+    if expert_gate is None:
+        return ffn.fc2(hidden)
+    N = ffn.num_experts
+    hidden = (hidden.view(B, L, N, -1) * expert_gate.unsqueeze(-1)).view(B, L, -1)  # B,L,N,d_e -> B,L,F
+    return ffn.fc2(hidden) + ffn.dropped_output(expert_gate)  # 1 - gate: 1 where an expert is dropped

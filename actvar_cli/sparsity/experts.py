@@ -145,6 +145,12 @@ def chosen_from_topk(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor
     return torch.zeros(experts_TK.shape[0], num_experts, device=experts_TK.device).scatter_(1, experts_TK, 1.0)
 
 
+def chosen_from_pairs(pairs: Pairs, num_tokens: int, num_experts: int) -> torch.Tensor:
+    """(T, N) float: 1 where a pair ran."""
+    chosen = torch.zeros(num_tokens, num_experts, device=pairs.token.device)
+    return chosen.index_put_((pairs.token, pairs.expert), chosen.new_ones(()))
+
+
 def masked_experts(ffn, x_TC: torch.Tensor, chosen_TN: torch.Tensor) -> torch.Tensor:
     """Every expert's hidden units for every token, the unchosen ones zeroed before fc2."""
     T, N = x_TC.shape[0], ffn.num_experts
@@ -215,3 +221,19 @@ def expert_distances(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
 def expert_norms(ffn, h_TC: torch.Tensor, num_experts: int) -> torch.Tensor:
     """n[t, e] = the L2 norm of expert e's output for token t (D2DMoE's routing target)."""
     return _per_expert(ffn, h_TC, num_experts, lambda e: e.norm(dim=-1))
+
+
+def dropped_means(ffn, h_TC: torch.Tensor, chosen_TN: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N, C): each expert's mean output (without fc2's bias) over the tokens that do not choose it;
+    zero for an expert every token chooses. The best constant to add in a dropped expert's place."""
+    N = ffn.num_experts
+    w1, b1 = ffn.fc1.weight.float(), ffn.fc1.bias.float()
+    w2 = ffn.fc2.weight.float().view(w1.shape[1], N, -1)  # C, N, d_e
+    sums = torch.zeros(N, w1.shape[1], device=w1.device)
+    for s in range(0, h_TC.shape[0], chunk):
+        h = h_TC[s : s + chunk].to(w1.device)
+        dropped_TN = 1 - chosen_TN[s : s + chunk].to(w1.device)
+        act = F.gelu(F.linear(h, w1, b1), approximate="tanh").view(h.shape[0], N, -1)  # T, N, d_e
+        sums += torch.einsum("tn,tnd,cnd->nc", dropped_TN, act, w2)
+    counts = (1 - chosen_TN).sum(0).to(sums.device)  # N
+    return sums / counts.clamp_min(1).unsqueeze(1)

@@ -91,6 +91,7 @@ def _scale_flops(
     n, kept, rows = plan.tokens, plan.keep_tokens, 2 if plan.guided else 1
     d_e = cfg.ffn_dim // num_experts if num_experts else cfg.ffn_dim
     routed = plan.sparse_experts(num_experts)
+    means = routed and cfg.expert_means  # (1 - chosen) @ dropped_mean: T x N x C
     ffn_width = experts_per_token * d_e if routed else cfg.ffn_dim
     hw = cfg.patch_nums[-1]
     adaln_per_row = 2 * C * 6 * C * (1 if cfg.shared_aln else D) + 2 * C * 2 * C  # blocks (or shared) + head
@@ -100,7 +101,7 @@ def _scale_flops(
         "qkv": 2.0 * D * rows * (n if plan.skipped_kv else kept) * C * 3 * C,  # skipped tokens' keys too
         "attention": 4.0 * D * rows * kept * kv_len * C,
         "proj": 2.0 * D * rows * kept * C * C,
-        "ffn": 4.0 * D * rows * kept * C * ffn_width,
+        "ffn": 4.0 * D * rows * kept * C * ffn_width + (2.0 * D * rows * kept * num_experts * C if means else 0.0),
         "router": 2.0 * D * rows * kept * C * num_experts if routed else 0.0,
         "selector": 2.0 * selector_blocks * rows * n * C,
         "head": 2.0 * rows * n * C * V,

@@ -25,6 +25,7 @@ FAMILIES: dict[str, tuple[str | None, str]] = {
     "cfg-off": ("2", "no classifier-free guidance at the last N scales"),
     "ear": ("0.75", "EAR's centre-outward order as a fixed token priority at the last two scales (rate)"),
     "skipped-kv": (None, "in a stack: skipped tokens stay keys of the blocks that skip them (docs/actvar.md)"),
+    "skipped-update": (None, "in a stack: skipped tokens receive the block's previous-scale update (docs/actvar.md)"),
     "int8": (None, "in a stack: int8 weights, per output channel (actvar quantize)"),
     "kv-int8": (None, "in a stack: an int8 KV cache, a scale per token and head (a quarter of float32)"),
     "int4": (None, "in a stack: int4 weights, in groups of 128 inputs (actvar quantize)"),
@@ -35,7 +36,7 @@ DMOE_RAMP = (0.5, 0.75, 1.0)  # tau_s over the last three scales, growing with r
 def parse_method(spec: str) -> tuple[str, str | None]:
     """One part: ``family`` or ``family:parameter``."""
     family, sep, arg = spec.strip().partition(":")
-    if family in ("skipped-kv", "int8", "int4", "kv-int8", "dense") and sep:
+    if family in ("skipped-kv", "skipped-update", "int8", "int4", "kv-int8", "dense") and sep:
         raise ConfigError(f"{family} takes no parameter (got {spec!r})")
     if family not in FAMILIES:
         raise ConfigError(f"unknown method {family!r}", f"use one of {', '.join(FAMILIES)}")
@@ -73,7 +74,7 @@ def method_policy(family: str, arg: str | None, S: int, actvar_policy: SparsityP
         if family == "actvar-tokens":  # Table 3: the model's own token rule, every expert
             return dataclasses.replace(p, weight_rates=(1.0,) * len(p.scales), expert_rule="router", thresholds=())
         if family == "actvar-experts":
-            return dataclasses.replace(p, token_rates=(1.0,) * len(p.scales), skipped_kv=False)
+            return dataclasses.replace(p, token_rates=(1.0,) * len(p.scales), skipped_kv=False, skipped_update=False)
         return p
     if family == "static-experts":
         return SparsityPolicy(scales=two, token_rates=(1.0,), weight_rates=_fractions(family, arg, 2))

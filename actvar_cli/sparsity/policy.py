@@ -13,6 +13,9 @@ training-free methods that actvar compares with it (docs/other-methods.md):
 * expert rules: ``router`` (top ``weight_rate`` of the experts; a router with zero weights
   and a bias is static pruning, Table 5) and ``threshold`` (D2DMoE / DMoE-VAR: the experts
   whose predicted output norm is at least ``tau_s`` times the largest);
+* ``skipped_update``: with the selector, fixed or centre rule, a token a block skips receives that
+  block's update of the previous scale, resized (FastVAR's cache, for a rule that skips whole
+  blocks), instead of passing through unchanged;
 * ``guidance_off``: the last N scales run only the conditional rows (no guidance there);
 * ``skip_last``: the last N scales are not generated at all.
 """
@@ -43,6 +46,7 @@ class SparseSegment:
     end: int
     keep_tokens: int  # K_t
     keep_experts: int  # K_w
+    prev_start: int = 0  # where the previous scale starts (it ends at ``start``)
 
     @property
     def length(self) -> int:
@@ -60,6 +64,8 @@ class ScalePlan:
     threshold: float | None  # tau_s of the threshold rule
     guided: bool  # conditional and unconditional rows (CFG), or the conditional ones only
     skipped_kv: bool = False  # skipped tokens are keys (not queries) of the blocks that skip them
+    skipped_update: bool = False  # skipped tokens receive the block's previous-scale update, resized
+    record_update: bool = False  # keep each block's update: the next scale fills its skipped tokens with it
 
     @property
     def sparse_tokens(self) -> bool:
@@ -82,6 +88,7 @@ class SparsityPolicy:
     guidance_off: int = 0
     skip_last: int = 0
     skipped_kv: bool = False  # skipped tokens still give their keys and values (docs/actvar.md)
+    skipped_update: bool = False  # skipped tokens receive the block's previous-scale update (docs/actvar.md)
     kv_bits: int = 0  # 8: the KV cache keeps int8 keys and values (a stack's kv-int8 part)
 
     def __post_init__(self) -> None:
@@ -120,6 +127,10 @@ class SparsityPolicy:
             raise ConfigError(f"kv_bits {self.kv_bits}: the KV cache is int8 (8) or as computed (0)")
         if self.skipped_kv and self.token_rule == "far-from-mean":
             raise ConfigError("FastVAR's rule caches the outputs of skipped tokens, not their keys", "drop skipped_kv")
+        if self.skipped_update and self.token_rule == "far-from-mean":
+            raise ConfigError(
+                "FastVAR's rule already gives skipped tokens the previous scale's outputs", "drop skipped_update"
+            )
 
     def validate_for(self, cfg: VARConfig) -> None:
         n = len(cfg.patch_nums)
@@ -161,6 +172,14 @@ class SparsityPolicy:
             return None
         return self.thresholds[self.scales.index(si + 1)] or None
 
+    def fills_skipped(self, si: int, patch_nums: tuple[int, ...]) -> bool:
+        """Scale ``si`` skips tokens that receive the previous scale's update."""
+        return (
+            self.skipped_update
+            and si < len(patch_nums)
+            and self.tokens_kept(si, patch_nums[si] ** 2) < patch_nums[si] ** 2
+        )
+
     def plan(self, si: int, patch_nums: tuple[int, ...], num_experts: int) -> ScalePlan:
         n = patch_nums[si] ** 2
         return ScalePlan(
@@ -171,6 +190,8 @@ class SparsityPolicy:
             threshold=self.threshold(si) if num_experts else None,
             guided=si < len(patch_nums) - self.guidance_off,
             skipped_kv=self.skipped_kv,
+            skipped_update=self.fills_skipped(si, patch_nums),
+            record_update=self.fills_skipped(si + 1, patch_nums),
         )
 
     def generated_scales(self, num_scales: int) -> int:
@@ -189,6 +210,7 @@ class SparsityPolicy:
             "guidance_off": self.guidance_off,
             "skip_last": self.skip_last,
             "skipped_kv": self.skipped_kv,
+            "skipped_update": self.skipped_update,
             "kv_bits": self.kv_bits,
         }
         defaults = SparsityPolicy.dense()
@@ -197,7 +219,16 @@ class SparsityPolicy:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SparsityPolicy:
-        keys = ("token_rule", "expert_rule", "thresholds", "guidance_off", "skip_last", "skipped_kv", "kv_bits")
+        keys = (
+            "token_rule",
+            "expert_rule",
+            "thresholds",
+            "guidance_off",
+            "skip_last",
+            "skipped_kv",
+            "skipped_update",
+            "kv_bits",
+        )
         return cls(
             scales=tuple(d["scales"]),
             token_rates=tuple(d["token_rates"]),

@@ -7,7 +7,8 @@ scale; a stack that cannot hold is refused in one line before any model is built
 
 * two parts that prune tokens, or two that prune experts (one rule of each kind per stack);
 * skipping a scale that another part prunes;
-* a part listed twice, two quantizations, or ``skipped-kv`` without a token rule (or with FastVAR's).
+* a part listed twice, two quantizations, or ``skipped-kv`` / ``skipped-update`` without a token
+  rule (or with FastVAR's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .methods import method_policy, parse_method
 from .policy import SparsityPolicy
 
 QUANT_PARTS = ("int8", "int4")  # weights quantized after the model is built (actvar quantize)
-FLAG_PARTS = ("skipped-kv", "kv-int8")  # how skipped tokens are treated; how the KV cache is stored
+FLAG_PARTS = ("skipped-kv", "skipped-update", "kv-int8")  # how skipped tokens are treated; how the KV cache is stored
+SKIPPED_FLAGS = {"skipped-kv": "skipped_kv", "skipped-update": "skipped_update"}  # part -> policy field
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,18 @@ def parse_stack(spec: str) -> Stack:
 def stack_policy(stack: Stack, num_scales: int, model_policy: SparsityPolicy | None = None) -> SparsityPolicy | None:
     """The policy of every part, merged scale by scale (None for the plain dense model)."""
     parts = [(f, method_policy(f, a, num_scales, model_policy)) for f, a in stack.policy_parts]
-    if not parts and "skipped-kv" in stack.families:
-        raise ConfigError(f"{stack.name}: skipped-kv changes a token rule, and the stack has none")
+    flags = [f for f in stack.families if f in SKIPPED_FLAGS]
+    if not parts and flags:
+        raise ConfigError(f"{stack.name}: {flags[0]} changes a token rule, and the stack has none")
     if not parts and "kv-int8" not in stack.families:
         return model_policy
     merged = _merge(stack.name, parts, num_scales) if parts else model_policy or SparsityPolicy.dense()
     if "kv-int8" in stack.families:
         merged = dataclasses.replace(merged, kv_bits=8)
-    if "skipped-kv" in stack.families:
+    for flag in flags:
         if not any(r < 1 for r in merged.token_rates) or merged.token_rule == "far-from-mean":
-            raise ConfigError(f"{stack.name}: skipped-kv needs a token rule that skips tokens (not FastVAR's)")
-        merged = dataclasses.replace(merged, skipped_kv=True)
+            raise ConfigError(f"{stack.name}: {flag} needs a token rule that skips tokens (not FastVAR's)")
+        merged = dataclasses.replace(merged, **{SKIPPED_FLAGS[flag]: True})
     return merged
 
 
@@ -116,6 +119,7 @@ def _merge(name: str, parts: list[tuple[str, SparsityPolicy]], S: int) -> Sparsi
         guidance_off=max(guidance, default=0),
         skip_last=skip,
         skipped_kv=bool(token_part and token_part.skipped_kv),
+        skipped_update=bool(token_part and token_part.skipped_update),
         kv_bits=max((p.kv_bits for _, p in parts), default=0),
     )
 

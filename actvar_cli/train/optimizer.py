@@ -16,16 +16,25 @@ STAGE2_TRAINABLE = ("ffn.fc1.", "ffn.fc2.", "attn.", "head.")  # the paper's sta
 def select_trainable(model: VAR, stage: int, delta_rank: int = 0) -> list[torch.nn.Parameter]:
     """Stage 1: the routers and selectors the model's policy uses (under DDP an unused one is an error).
     Stage 2: the sparse-scale deltas when ``delta_rank`` (or the model has them), else the paper's
-    experts (fc1/fc2), attention and head at every scale."""
+    experts (fc1/fc2), attention and head at every scale; and the dropped-expert means, if any."""
     if stage == 2 and (delta_rank or model.cfg.delta_rank):
-        chosen = set(model.add_deltas(delta_rank or model.cfg.delta_rank))
+        chosen = set(model.add_deltas(delta_rank or model.cfg.delta_rank)) | set(expert_means(model))
     elif stage == 1:
         chosen = set(_routing_parameters(model))
     else:
         chosen = {p for n, p in model.named_parameters() if _inner(n).startswith(STAGE2_TRAINABLE)}
+        chosen |= set(expert_means(model))
     for p in model.parameters():
         p.requires_grad_(p in chosen)
     return [p for p in model.parameters() if p in chosen]
+
+
+def expert_means(model: VAR) -> list[torch.nn.Parameter]:
+    """The FFNs' dropped-expert means, where the policy drops experts (they act only there)."""
+    segments = model.sparse_segments(model.policy)
+    if not any(s.keep_experts < model.cfg.num_experts for s in segments):
+        return []
+    return [b.ffn.dropped_mean for b in model.blocks if b.ffn.dropped_mean is not None]
 
 
 def _inner(name: str) -> str:
@@ -63,8 +72,9 @@ def lr_lambda(total: int, warmup: float, lr_end: float) -> Callable[[int], float
 
 def make_optimizer(student: VAR, stage: int, recipe: Recipe) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
     params = select_trainable(student, stage, recipe.delta_rank)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    means = set(expert_means(student))  # means, not weights: no decay toward zero
+    decay = [p for p in params if p.ndim >= 2 and p not in means]
+    no_decay = [p for p in params if p.ndim < 2 or p in means]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.stage_lr(stage),

@@ -41,6 +41,8 @@ class Recipe:
     weight_rate: float = 0.75
     token_rule: str = "selector"  # selector (the paper: each block its own) or fixed (one choice per scale)
     skipped_kv: bool = False  # skipped tokens stay keys of the blocks that skip them
+    skipped_update: bool = False  # skipped tokens receive the block's previous-scale update, resized
+    expert_means: bool = False  # dropped experts add their mean output (fitted at conversion)
     router_target: str = "distance"  # the experts a router learns to pick: closest to the FFN, or largest
     calib_images: int = 8
     # training, both stages
@@ -96,6 +98,7 @@ class Recipe:
             weight_rates=(self.weight_rate,),
             token_rule=self.token_rule,
             skipped_kv=self.skipped_kv,
+            skipped_update=self.skipped_update,
         )
 
     def with_policy(self, policy: SparsityPolicy) -> Recipe:
@@ -109,6 +112,7 @@ class Recipe:
             weight_rate=policy.weight_rates[0],
             token_rule=policy.token_rule if policy.token_rule in ("selector", "fixed") else self.token_rule,
             skipped_kv=policy.skipped_kv,
+            skipped_update=policy.skipped_update,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +149,8 @@ RULES: dict[str, tuple[str, float, float]] = {
     "weight_rate": ("float", 1e-9, 1),
     "token_rule": ("str", 0, 0),
     "skipped_kv": ("bool", 0, 0),
+    "skipped_update": ("bool", 0, 0),
+    "expert_means": ("bool", 0, 0),
     "router_target": ("str", 0, 0),
     "calib_images": ("int", 0, 1_000_000),
     "data": ("str", 0, 0),

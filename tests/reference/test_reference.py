@@ -100,7 +100,7 @@ def test_the_yardstick_sees_damage(run_cli, tmp_path):
     damaged = json.loads(run_cli("eval", tmp_path / "a.safetensors", *args).stdout)
     print("dense", dense["fid"], dense["class_accuracy"], "damaged", damaged["fid"], damaged["class_accuracy"])
     assert dense["class_accuracy"] >= 0.9  # the target; 98.5% on these 200 samples (docs/quality.md)
-    assert damaged["fid"] > 2 * dense["fid"] and damaged["class_accuracy"] < dense["class_accuracy"] - 0.1
+    assert damaged["fid"] > 2 * dense["fid"] and damaged["class_accuracy"] < dense["class_accuracy"] - 0.05
 
 
 # -- any patch layout loads ---------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """ActVAR conversion and sparse inference: same function at full activation, consistent paths,
 honest FLOPs, and a self-describing safetensors file."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -105,11 +106,34 @@ def test_auto_takes_the_masked_kernel_on_a_cpu_only_for_few_rows_per_expert(conv
         assert experts.pick_kernel("auto", ffn, torch.zeros(tokens, 128), pairs.token.shape[0]) == kernel
 
 
-def test_generation_and_teacher_forcing_paths_agree(converted, d2):
+@pytest.fixture(scope="module")
+def with_means(d2):
+    """The parity model converted with dropped-expert means (fitted for experts at 50%)."""
+    dense, vae = load_var(PARITY / "var_d2.pth")[0], d2[1]
+    policy = SparsityPolicy(weight_rates=(0.5,))
+    return moefy(dense, vae, MoefyOptions(calib_images=4, expert_means=True, policy=policy))[0]
+
+
+FIXED_FILLED = SparsityPolicy(
+    token_rates=(0.5, 0.75), weight_rates=(0.5,), token_rule="fixed", skipped_kv=True, skipped_update=True
+)
+SELECTOR_FILLED = SparsityPolicy(scales=(8, 9, 10), token_rates=(0.5,), weight_rates=(0.5,), skipped_update=True)
+
+
+@pytest.mark.parametrize(
+    "which, policy",
+    [
+        ("cluster", SparsityPolicy(token_rates=(0.5, 0.75), weight_rates=(0.5,))),
+        ("means", SparsityPolicy(token_rates=(0.5, 0.75), weight_rates=(0.5,))),
+        ("means", FIXED_FILLED),
+        ("cluster", SELECTOR_FILLED),
+    ],
+)
+def test_generation_and_teacher_forcing_paths_agree(converted, with_means, d2, which, policy):
     """Same tokens and the same routing give the same logits on both paths."""
-    model = converted["cluster"]
+    model = with_means if which == "means" else converted[which]
     _, vae = d2
-    policy = SparsityPolicy(token_rates=(0.5, 0.75), weight_rates=(0.5,))
+    dense_len = model.begin_ends[policy.scales[0] - 1][0]
     labels = torch.tensor([3, 500])
     gen = generate(
         model, vae, labels, SamplingOptions(), rng=image_generators(7, [0, 1], "cpu"), policy=policy, keep_logits=True
@@ -120,9 +144,50 @@ def test_generation_and_teacher_forcing_paths_agree(converted, d2):
         masked = model.forward_train(both, x.repeat(2, 1, 1), policy=policy)
         dense = model.forward_train(both, x.repeat(2, 1, 1), policy=None)
     generated = torch.cat(gen.logits, dim=1)
-    torch.testing.assert_close(masked.logits, generated, atol=2e-4, rtol=1e-4)
-    assert (dense.logits - generated)[:, -425:].abs().max() > 0.1  # sparsity really changed something
-    torch.testing.assert_close(dense.logits[:, :255], generated[:, :255], atol=2e-4, rtol=1e-4)  # dense scales
+    # Both paths rank the same scores, computed in other batch shapes: a router or selector score
+    # within float noise of the top-K boundary may rank the other way (seen: a margin of 7e-8).
+    off = ((masked.logits - generated).abs() > 2e-4 + 1e-4 * generated.abs()).any(-1)  # B, L
+    assert off.float().mean() < 0.002, off.nonzero().tolist()[:10]
+    assert (dense.logits - generated)[:, dense_len:].abs().max() > 0.1  # sparsity really changed something
+    torch.testing.assert_close(dense.logits[:, :dense_len], generated[:, :dense_len], atol=2e-4, rtol=1e-4)
+
+
+def test_expert_means_are_what_dropped_experts_add_on_average(with_means):
+    """A fitted mean is the dropped expert's mean output; at full activation the means add nothing."""
+    ffn = with_means.blocks[1].ffn
+    h = torch.randn(64, 128)
+    chosen = torch.zeros(64, 16).scatter_(1, torch.randint(0, 16, (64, 3)), 1.0)
+    N, d_e = 16, ffn.fc1.out_features // 16
+    with torch.no_grad():
+        act = torch.nn.functional.gelu(ffn.fc1(h), approximate="tanh").view(64, N, d_e)
+        per_expert = torch.einsum("tnd,cnd->tnc", act, ffn.fc2.weight.view(128, N, d_e))  # T, N, C
+        want = (per_expert * (1 - chosen).unsqueeze(-1)).sum(0) / (1 - chosen).sum(0).clamp_min(1).unsqueeze(-1)
+        torch.testing.assert_close(experts.dropped_means(ffn, h, chosen, chunk=16), want, atol=1e-5, rtol=1e-4)
+        assert ffn.dropped_mean.abs().max() > 0  # fitted at conversion, not left at zero
+        assert torch.equal(ffn.dropped_output(torch.ones(4, 16)), torch.zeros(4, 128))
+        filled = ffn.dropped_output(chosen)
+        torch.testing.assert_close(filled, (1 - chosen) @ ffn.dropped_mean)
+
+
+def test_expert_means_change_nothing_where_every_expert_runs(with_means, converted, d2, ref):
+    with torch.no_grad():
+        logits = with_means(torch.tensor(LABELS), torch.from_numpy(ref["teacher_forcing_input"]))
+    np.testing.assert_allclose(logits[:, ::7].numpy(), ref["teacher_forcing_logits_every7"], atol=1e-3)
+
+
+def test_skipped_tokens_receive_the_previous_scale_update_when_asked(converted):
+    """skipped_update: a skipped token is its input plus the block's previous-scale update, resized."""
+    block = converted["cluster"].blocks[0]
+    x, cond, prev = torch.randn(2, 16, 128), torch.randn(2, 128), torch.randn(2, 9, 128)
+    filled = dataclasses.replace(plan(16, 4, 8), skipped_update=True, record_update=True)
+    state = GenerationState(updates={0: prev})
+    with torch.no_grad():
+        y = block_generate(block, x, cond, LayerCache(), plan=filled, state=state, index=0, scale=9)
+    up = torch.nn.functional.interpolate(prev.transpose(1, 2).reshape(2, 128, 3, 3), size=(4, 4), mode="area")
+    want = x + up.reshape(2, 128, 16).transpose(1, 2)
+    skipped = (y == want).all(-1)
+    assert skipped.sum(1).tolist() == [12, 12]
+    torch.testing.assert_close(state.updates[0], y - x)  # what the next scale receives
 
 
 def test_skipped_tokens_pass_through_unchanged(converted):
@@ -152,9 +217,17 @@ def test_policy_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", [None, SparsityPolicy(), SparsityPolicy(scales=(7, 8, 10), token_rates=(0.5,))])
-def test_analytic_flops_match_torch_flop_counter(converted, d2, policy):
-    model = converted["cluster"]
+@pytest.mark.parametrize(
+    "which, policy",
+    [
+        ("cluster", None),
+        ("cluster", SparsityPolicy()),
+        ("cluster", SparsityPolicy(scales=(7, 8, 10), token_rates=(0.5,))),
+        ("means", FIXED_FILLED),
+    ],
+)
+def test_analytic_flops_match_torch_flop_counter(converted, with_means, d2, which, policy):
+    model = with_means if which == "means" else converted[which]
     _, vae = d2
     B = 2
     state = GenerationState(kernel="loop")  # a kernel that computes only the chosen experts

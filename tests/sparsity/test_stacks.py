@@ -15,8 +15,10 @@ def test_parts_act_on_their_own_share_of_the_work():
     p = merged("cfg-off:1+fastvar:0.25")
     assert p.guidance_off == 1 and p.token_rule == "far-from-mean" and p.token_rates == (0.75, 0.75)
     p = merged("dmoe:0.5+fixed-tokens:0.75+skipped-kv")
-    assert p.scales == (5, 6, 7) and p.token_rates == (1.0, 0.75, 0.75) and p.skipped_kv
+    assert p.scales == (5, 6, 7) and p.token_rates == (1.0, 0.75, 0.75) and p.skipped_kv and not p.skipped_update
     assert p.expert_rule == "threshold" and p.thresholds == (0.25, 0.375, 0.5)
+    p = merged("fixed-tokens:0.5+skipped-update")
+    assert p.skipped_update and not p.skipped_kv and p.to_dict()["skipped_update"]
     p = merged("static-experts:0.5+ear:0.75")
     assert p.weight_rates == (0.5, 0.5) and p.token_rule == "centre"
     assert parse_stack("fastvar:0.5+int8").quantization == "int8"
@@ -33,6 +35,8 @@ def test_parts_act_on_their_own_share_of_the_work():
         ("int8+int4", "one weight quantization"),
         ("fastvar:0.5+skipped-kv", "skipped-kv"),
         ("cfg-off:1+skipped-kv", "skipped-kv"),
+        ("fastvar:0.5+skipped-update", "skipped-update"),
+        ("cfg-off:1+skipped-update", "skipped-update"),
         ("cfg-off:1++fastvar", "empty part"),
         ("dense+cfg-off:1", "reference"),
         ("int8:4", "takes no parameter"),

@@ -40,7 +40,7 @@ def untrained(tiny_actvar, tmp_path_factory):
     from without moefy's calibration fit (which already fits the same targets). Its policy is the
     paper's (every block its own tokens, the experts closest to the FFN), whose stage 1 trains them all."""
     model, info = load_var(tiny_actvar)
-    model.policy = dataclasses.replace(model.policy, token_rule="selector", skipped_kv=False)
+    model.policy = dataclasses.replace(model.policy, token_rule="selector", skipped_kv=False, skipped_update=False)
     g = torch.Generator().manual_seed(0)
     for block in model.blocks:
         for layer in (block.ffn.router, block.selector):
@@ -101,9 +101,12 @@ def test_stage2_lowers_kl_to_teacher_and_leaves_the_dense_scales_exact(stage1, t
     assert "kl" in history[-1]["final_losses"] and "hidden_mse" in history[-1]["final_losses"]
     assert model.cfg.delta_rank == tiny_recipe().delta_rank
     frozen = dict(load_var(out1 / "model.safetensors")[0].named_parameters())
+    assert model.cfg.expert_means  # the tiny recipe's dropped-expert means train with the deltas
     for name, p in model.named_parameters():
         if "delta_" in name:
             assert name.endswith(".A") or p.abs().sum() > 0, name  # B starts at zero and has been trained
+        elif "dropped_mean" in name:
+            assert not torch.equal(p, frozen[name]), name
         else:
             assert torch.equal(p, frozen[name]), name
 
@@ -117,7 +120,8 @@ def test_the_papers_stage2_trains_experts_attention_and_head_everywhere(stage1, 
     frozen = dict(load_var(out1 / "model.safetensors")[0].named_parameters())
     for name, p in model.named_parameters():  # stage 2 keeps routers, selectors, embeddings and AdaLN
         changed = not torch.equal(p, frozen[name])
-        expected = any(k in name for k in ("ffn.fc1", "ffn.fc2", "attn.", "head.")) and "head_nm" not in name
+        expected = any(k in name for k in ("ffn.fc1", "ffn.fc2", "ffn.dropped_mean", "attn.", "head."))
+        expected = expected and "head_nm" not in name
         assert changed == expected, name
 
 
