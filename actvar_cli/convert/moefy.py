@@ -27,7 +27,15 @@ from ..models.var import VAR
 from ..models.vqvae import VQVAE
 from ..progress import Progress
 from ..runtime import CPU, Runtime
-from ..sparsity.experts import dropped_means, expert_distances, expert_norms
+from ..sparsity.experts import (
+    chosen_from_pairs,
+    chosen_from_topk,
+    dropped_means,
+    expert_distances,
+    expert_norms,
+    route,
+    threshold_pairs,
+)
 from ..sparsity.policy import SparsityPolicy
 from .calibration import Calibration, collect_calibration
 
@@ -225,15 +233,12 @@ def fit_expert_means(model: VAR, calib: Calibration, policy: SparsityPolicy) -> 
         ffn, h = block.ffn, calib.ffn_in[i]
         logits = ffn.router_logits(h)  # T, N
         chosen = torch.zeros_like(logits)
-        for k, scale in enumerate(policy.scales):
-            rows = scale_T == k
-            tau = policy.threshold(scale - 1)
+        for k, scale in enumerate(policy.scales):  # the rule generation applies (sparsity/blocks.py)
+            rows, N, tau = scale_T == k, ffn.num_experts, policy.threshold(scale - 1)
             if tau is not None:
-                norms = logits[rows].clamp_min(0)
-                chosen[rows] = (norms >= tau * norms.max(-1, keepdim=True).values).float()
+                chosen[rows] = chosen_from_pairs(threshold_pairs(logits[rows], tau), int(rows.sum()), N)
             else:
-                top = logits[rows].topk(policy.experts_kept(scale - 1, ffn.num_experts), -1).indices
-                chosen[rows] = torch.zeros_like(logits[rows]).scatter_(1, top, 1.0)
+                chosen[rows] = chosen_from_topk(route(logits[rows], policy.experts_kept(scale - 1, N)), N)
         ffn.dropped_mean.data.copy_(dropped_means(ffn, h, chosen))
 
 

@@ -99,17 +99,16 @@ def _experts(ffn, h_BnC: torch.Tensor, plan: ScalePlan, state: GenerationState, 
     if state.count_pairs:
         state.pairs_run[si] = state.pairs_run.get(si, 0) + int(num_pairs)
     kernel = routing.pick_kernel(state.kernel, ffn, h_TC, num_pairs)
-    chosen_TN = None
-    if pairs is None and (kernel == "masked" or ffn.dropped_mean is not None):
-        chosen_TN = routing.chosen_from_topk(experts_TK, ffn.num_experts)
-    elif ffn.dropped_mean is not None:
-        chosen_TN = routing.chosen_from_pairs(pairs, h_TC.shape[0], ffn.num_experts)
     if pairs is None and kernel == "masked":  # no pair list needed
+        chosen_TN = routing.chosen_from_topk(experts_TK, ffn.num_experts)
         y_TC = routing.masked_experts(ffn, h_TC, chosen_TN)
     else:
         pairs = pairs if pairs is not None else routing.topk_pairs(experts_TK, ffn.num_experts)
         y_TC = routing.experts_forward(ffn, h_TC, pairs, kernel)
-    if chosen_TN is not None:
+        chosen_TN = (
+            routing.chosen_from_pairs(pairs, h_TC.shape[0], ffn.num_experts) if ffn.dropped_mean is not None else None
+        )
+    if ffn.dropped_mean is not None:
         y_TC = y_TC + ffn.dropped_output(chosen_TN)
     return y_TC.view_as(h_BnC)
 
@@ -286,7 +285,7 @@ def _fill_skipped(y_BLC, x_BLC, segments, gate_BL) -> torch.Tensor:
     for seg in segments:
         if seg.keep_tokens >= seg.length:
             continue
-        prev_BmC = (y_BLC - x_BLC)[:, seg.prev_start : seg.start]
+        prev_BmC = y_BLC[:, seg.prev_start : seg.start] - x_BLC[:, seg.prev_start : seg.start]
         skipped_Bn1 = (1 - gate_BL[:, seg.start : seg.end]).unsqueeze(-1)  # straight-through: 1 where skipped
         piece = y_BLC[:, seg.start : seg.end] + skipped_Bn1 * _resized(prev_BmC, seg.length)
         y_BLC = torch.cat((y_BLC[:, : seg.start], piece, y_BLC[:, seg.end :]), dim=1)
