@@ -36,9 +36,9 @@ class ScaleSwitch:
 class LowRankDelta(nn.Module):
     """``x @ A.T @ B.T``: A (rank, in) random, B (out, rank) zero, so a new delta changes nothing."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int):
+    def __init__(self, in_features: int, out_features: int, rank: int, generator: torch.Generator | None = None):
         super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -272,16 +272,18 @@ class VAR(nn.Module):
     def is_actvar(self) -> bool:
         return self.cfg.num_experts > 0
 
-    def _make_deltas(self, rank: int) -> None:
-        C = self.cfg.embed_dim
+    def _make_deltas(self, rank: int, seed: int = 0) -> None:
+        """Seeded: the same run starts from the same random ``A`` (the global generator's state
+        depends on what ran before in the process)."""
+        C, g = self.cfg.embed_dim, torch.Generator().manual_seed(seed)
         for b in self.blocks:
-            b.attn.delta_qkv, b.attn.delta_proj = LowRankDelta(C, 3 * C, rank), LowRankDelta(C, C, rank)
-        self.delta_head = LowRankDelta(C, self.cfg.vocab_size, rank)
+            b.attn.delta_qkv, b.attn.delta_proj = LowRankDelta(C, 3 * C, rank, g), LowRankDelta(C, C, rank, g)
+        self.delta_head = LowRankDelta(C, self.cfg.vocab_size, rank, g)
 
-    def add_deltas(self, rank: int) -> list[nn.Parameter]:
+    def add_deltas(self, rank: int, seed: int = 0) -> list[nn.Parameter]:
         """Sparse-scale deltas of ``rank`` (stage 2 trains them); zero until trained. Returns them."""
         if not self.cfg.delta_rank:
-            self._make_deltas(rank)
+            self._make_deltas(rank, seed)
             self.to(self.head.weight.device)
             self.cfg = self.cfg.replace(delta_rank=rank)
         return [p for n, p in self.named_parameters() if ".delta_" in n or n.startswith("delta_")]

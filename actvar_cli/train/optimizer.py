@@ -13,12 +13,12 @@ from .recipes import Recipe
 STAGE2_TRAINABLE = ("ffn.fc1.", "ffn.fc2.", "attn.", "head.")  # the paper's stage 2, without deltas
 
 
-def select_trainable(model: VAR, stage: int, delta_rank: int = 0) -> list[torch.nn.Parameter]:
+def select_trainable(model: VAR, stage: int, delta_rank: int = 0, seed: int = 0) -> list[torch.nn.Parameter]:
     """Stage 1: the routers and selectors the model's policy uses (under DDP an unused one is an error).
     Stage 2: the sparse-scale deltas when ``delta_rank`` (or the model has them), else the paper's
     experts (fc1/fc2), attention and head at every scale; and the dropped-expert means, if any."""
     if stage == 2 and (delta_rank or model.cfg.delta_rank):
-        chosen = set(model.add_deltas(delta_rank or model.cfg.delta_rank)) | set(expert_means(model))
+        chosen = set(model.add_deltas(delta_rank or model.cfg.delta_rank, seed)) | set(expert_means(model))
     elif stage == 1:
         chosen = set(_routing_parameters(model))
     else:
@@ -71,7 +71,7 @@ def lr_lambda(total: int, warmup: float, lr_end: float) -> Callable[[int], float
 
 
 def make_optimizer(student: VAR, stage: int, recipe: Recipe) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    params = select_trainable(student, stage, recipe.delta_rank)
+    params = select_trainable(student, stage, recipe.delta_rank, recipe.seed)
     means = set(expert_means(student))  # means, not weights: no decay toward zero
     decay = [p for p in params if p.ndim >= 2 and p not in means]
     no_decay = [p for p in params if p.ndim < 2 or p in means]

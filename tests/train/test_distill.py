@@ -111,6 +111,20 @@ def test_stage2_lowers_kl_to_teacher_and_leaves_the_dense_scales_exact(stage1, t
             assert torch.equal(p, frozen[name]), name
 
 
+def test_two_runs_of_one_stage2_job_train_the_same_weights(stage1, tmp_path):
+    """The deltas' random A comes from the recipe's seed, not from whatever used the global generator
+    before (two runs of one job on one machine compute the same thing)."""
+    out1, _ = stage1
+    job = dict(stage=2, recipe=tiny_recipe(global_batch=8), batch_size=8, max_steps=2)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        distil(out1 / "model.safetensors", out_dir=tmp_path / str(seed), **job)
+        runs.append(load_var(tmp_path / str(seed) / "model.safetensors")[0].state_dict())
+    for name, x in runs[0].items():
+        assert torch.equal(x, runs[1][name]), name
+
+
 @pytest.mark.slow
 def test_the_papers_stage2_trains_experts_attention_and_head_everywhere(stage1, tmp_path):
     out1, _ = stage1
