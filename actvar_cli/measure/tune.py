@@ -37,7 +37,14 @@ from .plots import pareto_front
 from .timing import one_run, paired_speedup
 
 GUIDANCE = ("", "cfg-off:1", "cfg-off:2")
-TOKENS = ("", "fixed-tokens:0.75+skipped-kv", "fixed-tokens:0.5+skipped-kv", "fastvar:0.25", "fastvar:0.5")
+TOKENS = (
+    "",
+    "fixed-tokens:0.75+skipped-kv",
+    "fixed-tokens:0.5+skipped-kv",
+    "fixed-tokens:0.5+skipped-kv+skipped-update",  # the same FLOPs; skipped tokens get the previous update
+    "fastvar:0.25",
+    "fastvar:0.5",
+)
 EXPERTS = ("", "dmoe:0.5", "static-experts:0.75")
 SKIPS = ("", "skip-last:1")
 

@@ -19,6 +19,7 @@ def small_space(monkeypatch):
 def test_the_search_space_holds_only_stacks_that_hold():
     stacks = T.search_space(7, ["runs/x.safetensors"])
     assert "fastvar:0.5+dmoe:0.5+cfg-off:1" in stacks and "actvar:runs/x.safetensors+cfg-off:2" in stacks
+    assert "fixed-tokens:0.5+skipped-kv+skipped-update+cfg-off:2" in stacks
     assert not any("skip-last:1" in s and ("fastvar" in s or "fixed-tokens" in s) for s in stacks)  # cannot hold
     assert len(stacks) == len(set(stacks))
 
