@@ -282,6 +282,11 @@ class VAR(nn.Module):
 
     def add_deltas(self, rank: int, seed: int = 0) -> list[nn.Parameter]:
         """Sparse-scale deltas of ``rank`` (stage 2 trains them); zero until trained. Returns them."""
+        if self.cfg.delta_rank and rank != self.cfg.delta_rank:
+            raise ConfigError(
+                f"the model already has rank-{self.cfg.delta_rank} deltas, and rank {rank} was asked for",
+                f"train them further with --set delta_rank={self.cfg.delta_rank}, or start from the stage-1 model",
+            )
         if not self.cfg.delta_rank:
             self._make_deltas(rank, seed)
             self.to(self.head.weight.device)

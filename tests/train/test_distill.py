@@ -15,6 +15,7 @@ from conftest import ROOT, distil
 from fakehub import free_port
 from PIL import Image
 
+from actvar_cli.errors import ConfigError
 from actvar_cli.generation.sampling import SamplingOptions
 from actvar_cli.measure.agreement import teacher_agreement
 from actvar_cli.models.checkpoint import load_vae, load_var, save_model, stored_json, user_metadata
@@ -123,6 +124,14 @@ def test_two_runs_of_one_stage2_job_train_the_same_weights(stage1, tmp_path):
         runs.append(load_var(tmp_path / str(seed) / "model.safetensors")[0].state_dict())
     for name, x in runs[0].items():
         assert torch.equal(x, runs[1][name]), name
+
+
+def test_deltas_of_another_rank_than_the_models_are_refused():
+    model, _ = load_var("tiny")
+    model.add_deltas(4)
+    assert len(model.add_deltas(4)) == 2 * 2 * len(model.blocks) + 2  # the same rank: the same deltas, trained further
+    with pytest.raises(ConfigError, match="rank-4 deltas"):
+        model.add_deltas(8)
 
 
 @pytest.mark.slow
