@@ -25,8 +25,12 @@ distil() {  # NAME MOEFY-ARGS...: convert, then both stages (stage 2 only for st
         > "$out/$name-s2.json"
 }
 
-# Table 4: adaptive tokens vs tokens fixed at the first sparse scale (weights dense: equal FLOPs)
-distil dynamic-tokens --weight-rate 1
+# Table 4: adaptive tokens (the paper's per-block selector, with the recipe's other choices) vs tokens
+# fixed at the first sparse scale (weights dense: equal FLOPs)
+recipes=$(python -c "from actvar_cli.train.recipes import RECIPE_DIR; print(RECIPE_DIR)")
+sed 's/^token_rule: fixed /token_rule: selector/' "$recipes/tiny.yaml" > "$out/tiny-selector.yaml"
+grep -q "^token_rule: selector" "$out/tiny-selector.yaml"
+distil dynamic-tokens --weight-rate 1 --config "$out/tiny-selector.yaml"
 distil fixed-tokens --method fixed-tokens:0.75
 # Table 5: dynamic experts vs the same experts for every token (tokens dense: equal FLOPs)
 distil dynamic-experts --token-rate 1
@@ -39,14 +43,14 @@ distilled=""
 for name in dynamic-tokens fixed-tokens dynamic-experts static-experts; do
     distilled+="actvar:$out/$name-s2/model.safetensors,"
 done
-distilled+="actvar:$quality/default-s2/model.safetensors,actvar:$quality/aggressive-s2/model.safetensors,"
+distilled+="actvar:$quality/default-s2/model.safetensors,actvar:$quality/corner-s2/model.safetensors,"
 
 $actvar compare tiny --methods "${distilled%,}" --ref shapes --num "$num" --json --plot "$out/distilled.png" \
     > "$out/distilled.json"
 # every method without training at two or three budgets, beside ActVAR converted and distilled
 $actvar compare tiny --ref shapes --num "$num" --repeats 7 --json --plot "$out/budgets.png" --methods \
-actvar,actvar:$quality/aggressive.safetensors,actvar:$quality/default-s2/model.safetensors,\
-actvar:$quality/aggressive-s2/model.safetensors,static-experts:0.75,static-experts:0.5,fixed-tokens:0.75,\
+actvar,actvar:$quality/corner.safetensors,actvar:$quality/default-s2/model.safetensors,\
+actvar:$quality/corner-s2/model.safetensors,static-experts:0.75,static-experts:0.5,fixed-tokens:0.75,\
 fixed-tokens:0.5,fastvar:0.25,fastvar:0.5,fastvar:0.75,dmoe:0.5,dmoe:0.9,skip-last:1,skip-last:2,cfg-off:1,\
 cfg-off:2,ear:0.75,ear:0.5 > "$out/budgets.json"
 echo "results in $out/"

@@ -24,7 +24,9 @@ def moefy(
     token_rates: TokenRates = None,
     weight_rate: WeightRate = None,
     vae: Vae = None,
-    calib_images: int | None = typer.Option(None, help="Self-generated images to fit router/selector [8]; 0: weights."),
+    calib_images: int | None = typer.Option(
+        None, help="Self-generated images that fit routers, selector, expert means [recipe: 64 tiny, 8 d16]; 0: weights."
+    ),
     config: Config = None,
     seed: int = typer.Option(0, help="Seed of calibration and clustering."),
     method: str | None = typer.Option(None, help="Another method's model: fixed-tokens:0.75, static-experts:0.75."),
