@@ -25,7 +25,7 @@ def moefy(
     weight_rate: WeightRate = None,
     vae: Vae = None,
     calib_images: int | None = typer.Option(
-        None, help="Self-generated images that fit routers, selector, expert means [recipe: 64 tiny, 8 d16]; 0: none."
+        None, help="Images generated to fit routers, selector, expert means [recipe: 64 tiny, 8 d16]; 0: from weights."
     ),
     config: Config = None,
     seed: int = typer.Option(0, help="Seed of calibration and clustering."),
