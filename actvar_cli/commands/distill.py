@@ -105,6 +105,11 @@ def _load(model: str, stage: int, *, vae: str | None, teacher: str | None) -> Lo
     """The student, teacher and VQVAE. Stage 1 needs an ActVAR model (routers, selectors); stage 2
     also trains a dense model that runs some scales without guidance (guidance distillation)."""
     loaded = load_models(model, vae=vae, teacher=teacher or AUTO, actvar=stage == 1, sparse=True)
+    if loaded.model.policy and loaded.model.policy.guidance_sharpen:
+        raise ConfigError(
+            f"{model} sharpens its unguided scales (cfg-sharp): that replaces training, it is not trained",
+            "distill a model made with --method cfg-off:N instead",
+        )
     if not loaded.model.is_actvar and not (loaded.model.policy and loaded.model.policy.guidance_off):
         raise ConfigError(
             f"{model} has nothing for stage 2 to train",

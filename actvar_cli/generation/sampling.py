@@ -179,6 +179,7 @@ def generate(
     state = state or GenerationState(record_sublayers=policy is not None and policy.token_rule == "far-from-mean")
     last = policy.generated_scales(SN) if policy is not None else SN
     guided_until = SN - (policy.guidance_off if policy is not None else 0)
+    sharpen = policy is not None and policy.guidance_sharpen  # unguided scales: logits times 1 + t (cfg-sharp)
     quant, Cvae, HW = vae.quantize, vae.quantize.Cvae, patch_nums[-1]
     cond_BD = model.class_emb(torch.cat((labels_B, torch.full_like(labels_B, model.num_classes))))
     lvl_pos = model.lvl_pos()
@@ -197,7 +198,10 @@ def generate(
             _drop_unconditional_rows(cache, state, B)
         logits = model.generation_step(x, cond_BD, si, cache, policy=policy, state=state)
         t = opts.cfg * ratio
-        guided = guide(logits[:B], logits[B:], t).float() if logits.shape[0] == 2 * B else logits.float()
+        if logits.shape[0] == 2 * B:
+            guided = guide(logits[:B], logits[B:], t).float()
+        else:
+            guided = logits.float() * (1 + t) if sharpen else logits.float()
         if keep_logits:
             out.logits.append(logits.float())
             out.guided.append(guided)

@@ -23,12 +23,14 @@ FAMILIES: dict[str, tuple[str | None, str]] = {
     "dmoe": ("0.9", "DMoE-VAR / D2DMoE: dynamic-k experts by predicted norm, last three scales (tau)"),
     "skip-last": ("1", "stop before the last N scales and decode what is there"),
     "cfg-off": ("2", "no classifier-free guidance at the last N scales"),
+    "cfg-sharp": ("1", "no guidance at the last N scales; the conditional logits sharpened by 1 + t there"),
     "ear": ("0.75", "EAR's centre-outward order as a fixed token priority at the last two scales (rate)"),
     "skipped-kv": (None, "in a stack: skipped tokens stay keys of the blocks that skip them (docs/actvar.md)"),
     "skipped-update": (None, "in a stack: skipped tokens receive the block's previous-scale update (docs/actvar.md)"),
     "int8": (None, "in a stack: int8 weights, per output channel (actvar quantize)"),
     "kv-int8": (None, "in a stack: an int8 KV cache, a scale per token and head (a quarter of float32)"),
     "int4": (None, "in a stack: int4 weights, in groups of 128 inputs (actvar quantize)"),
+    "w8a8": (None, "in a stack: int8 weights and int8 activations per token: int8 matrix products"),
 }
 DMOE_RAMP = (0.5, 0.75, 1.0)  # tau_s over the last three scales, growing with resolution
 
@@ -36,7 +38,7 @@ DMOE_RAMP = (0.5, 0.75, 1.0)  # tau_s over the last three scales, growing with r
 def parse_method(spec: str) -> tuple[str, str | None]:
     """One part: ``family`` or ``family:parameter``."""
     family, sep, arg = spec.strip().partition(":")
-    if family in ("skipped-kv", "skipped-update", "int8", "int4", "kv-int8", "dense") and sep:
+    if family in ("skipped-kv", "skipped-update", "int8", "int4", "w8a8", "kv-int8", "dense") and sep:
         raise ConfigError(f"{family} takes no parameter (got {spec!r})")
     if family not in FAMILIES:
         raise ConfigError(f"unknown method {family!r}", f"use one of {', '.join(FAMILIES)}")
@@ -98,6 +100,9 @@ def method_policy(family: str, arg: str | None, S: int, actvar_policy: SparsityP
         )
     if family == "skip-last":
         return SparsityPolicy(scales=(), token_rates=(), weight_rates=(), skip_last=_count(family, arg, S))
-    if family == "cfg-off":
-        return SparsityPolicy(scales=(), token_rates=(), weight_rates=(), guidance_off=_count(family, arg, S + 1))
+    if family in ("cfg-off", "cfg-sharp"):
+        n = _count(family, arg, S + 1)
+        return SparsityPolicy(
+            scales=(), token_rates=(), weight_rates=(), guidance_off=n, guidance_sharpen=family == "cfg-sharp" and n > 0
+        )
     return SparsityPolicy(scales=two, token_rates=_fractions(family, arg, 2), weight_rates=(1.0,), token_rule="centre")

@@ -17,6 +17,8 @@ training-free methods that actvar compares with it (docs/other-methods.md):
   block's update of the previous scale, resized (FastVAR's cache, for a rule that skips whole
   blocks), instead of passing through unchanged;
 * ``guidance_off``: the last N scales run only the conditional rows (no guidance there);
+  ``guidance_sharpen``: and there the conditional logits are multiplied by ``1 + t_s``, what
+  guidance gives when the unconditional distribution is flat (docs/other-methods.md);
 * ``skip_last``: the last N scales are not generated at all.
 """
 
@@ -86,6 +88,7 @@ class SparsityPolicy:
     expert_rule: str = "router"
     thresholds: tuple[float, ...] = field(default_factory=tuple)  # tau_s per sparse scale (threshold rule)
     guidance_off: int = 0
+    guidance_sharpen: bool = False  # where guidance is off, sample from the conditional logits times 1 + t_s
     skip_last: int = 0
     skipped_kv: bool = False  # skipped tokens still give their keys and values (docs/actvar.md)
     skipped_update: bool = False  # skipped tokens receive the block's previous-scale update (docs/actvar.md)
@@ -123,6 +126,8 @@ class SparsityPolicy:
             )
         if self.guidance_off < 0 or self.skip_last < 0:
             raise ConfigError("guidance_off and skip_last count scales: 0 or more")
+        if self.guidance_sharpen and not self.guidance_off:
+            raise ConfigError("guidance_sharpen acts where guidance is off: it is on everywhere", "set guidance_off")
         if self.kv_bits not in (0, 8):
             raise ConfigError(f"kv_bits {self.kv_bits}: the KV cache is int8 (8) or as computed (0)")
         if self.skipped_kv and self.token_rule == "far-from-mean":
@@ -208,6 +213,7 @@ class SparsityPolicy:
             "expert_rule": self.expert_rule,
             "thresholds": list(self.thresholds),
             "guidance_off": self.guidance_off,
+            "guidance_sharpen": self.guidance_sharpen,
             "skip_last": self.skip_last,
             "skipped_kv": self.skipped_kv,
             "skipped_update": self.skipped_update,
@@ -224,6 +230,7 @@ class SparsityPolicy:
             "expert_rule",
             "thresholds",
             "guidance_off",
+            "guidance_sharpen",
             "skip_last",
             "skipped_kv",
             "skipped_update",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import PARITY
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from actvar_cli.convert.method_models import MethodBuilder
 from actvar_cli.errors import ConfigError
@@ -19,10 +19,18 @@ from actvar_cli.sparsity.methods import parse_method
 pytestmark = pytest.mark.shared  # the parity model: 10 scales, like the official ones
 
 METHODS = ["dense", "actvar", "actvar-tokens", "actvar-experts", "static-experts:0.5", "fixed-tokens:0.5",
-           "fastvar:0.5", "dmoe:0.5", "skip-last:1", "cfg-off:2", "ear:0.5"]  # fmt: skip
+           "fastvar:0.5", "dmoe:0.5", "skip-last:1", "cfg-off:2", "cfg-sharp:2", "ear:0.5"]  # fmt: skip
 STACKS = ["cfg-off:1+fastvar:0.5", "dmoe:0.5+fixed-tokens:0.5+skipped-kv", "fixed-tokens:0.5+skipped-kv",
-          "actvar+cfg-off:1", "static-experts:0.5+ear:0.5+cfg-off:1", "fastvar:0.25+int8"]  # fmt: skip
-NO_OP = ["static-experts:1", "fixed-tokens:1", "fastvar:0", "dmoe:0", "skip-last:0", "cfg-off:0", "ear:1"]
+          "actvar+cfg-off:1", "static-experts:0.5+ear:0.5+cfg-off:1", "fastvar:0.25+int8",
+          "cfg-sharp:2+w8a8"]  # fmt: skip
+NO_OP = ["static-experts:1", "fixed-tokens:1", "fastvar:0", "dmoe:0", "skip-last:0", "cfg-off:0", "cfg-sharp:0",
+         "ear:1"]  # fmt: skip
+
+
+@register_flop_formula(torch.ops.aten._int_mm)
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """w8a8's int8 products: the counter knows float matmuls only, and a multiply-add is one either way."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +95,21 @@ def test_skipping_and_unguided_scales_change_the_work_done(builder, d2):
     assert len(gen.tokens) == 8 and gen.f_hat.shape == (2, 32, 16, 16)
     gen, _ = run(builder.build("cfg-off:2"), vae, keep_logits=True)
     assert [r.shape[0] for r in gen.logits] == [4] * 8 + [2, 2]  # both CFG rows, then the conditional only
+
+
+def test_sharpened_scales_sample_from_the_conditional_logits_times_1_plus_t(builder, d2):
+    """cfg-sharp: where guidance is off, (1 + t) c, the guided logits when the unconditional ones are flat."""
+    _, vae = d2
+    opts = SamplingOptions()
+    plain, _ = run(builder.build("cfg-off:2"), vae, keep_logits=True)
+    sharp, _ = run(builder.build("cfg-sharp:2"), vae, keep_logits=True)
+    assert [r.shape[0] for r in sharp.logits] == [4] * 8 + [2, 2]  # the same work as cfg-off:2
+    for si in range(8):  # guided scales: untouched
+        assert torch.equal(sharp.guided[si], plain.guided[si]) and torch.equal(sharp.tokens[si], plain.tokens[si])
+    for si in (8, 9):
+        t = opts.cfg * si / 9
+        assert torch.equal(sharp.guided[si], sharp.logits[si].float() * (1 + t))
+    assert not torch.equal(sharp.tokens[9], plain.tokens[9])  # a sharper distribution draws other tokens
 
 
 def test_method_names_and_parameters():
