@@ -100,7 +100,9 @@ def _model(req: MemoryRequest):
             check_expert_count(cfg.ffn_dim, req.experts)
             cfg = cfg.replace(num_experts=req.experts)
         policy = stack_policy(stack, len(cfg.patch_nums), policy)
-        quant = make_scheme(stack.quantization) if stack.quantization else quant
+        if stack.quantization_scheme:
+            weights, activations = stack.quantization_scheme
+            quant = make_scheme(weights, activations=activations)
         name = f"{name} + {req.method}"
     return cfg, policy, quant, name
 

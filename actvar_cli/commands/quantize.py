@@ -30,6 +30,7 @@ class QuantizeRequest:
     output: Path
     weights: str = "int8"  # int8 | int4
     group_size: int | None = None  # int4 only (None: DEFAULT_GROUP_SIZE)
+    activations: str = "float"  # float (weight-only) | int8 (per-token int8 inputs, int8 products)
     num_heads: int | None = None
 
 
@@ -58,13 +59,13 @@ def run(req: QuantizeRequest, progress: Progress | None = None) -> QuantizeResul
     if req.weights == "int8" and req.group_size is not None:
         raise ConfigError("--group-size is for int4", "int8 keeps one scale per output row: leave it out")
     group = DEFAULT_GROUP_SIZE if req.group_size is None else req.group_size
-    scheme = make_scheme(req.weights, group)  # a bad scheme fails before the model is read
+    scheme = make_scheme(req.weights, group, req.activations)  # a bad scheme fails before the model is read
     refuse_quantized(file_scheme(source), req.source, "quantize the float model it was made from")
     loaded = load_models(source, vae=False, num_heads=req.num_heads)
     model = loaded.model
     parameters = sum(p.numel() for p in model.parameters())
     layers = len(quantizable_layers(model))
-    quantize_model(model, scheme["weights"], scheme["group_size"])
+    quantize_model(model, scheme["weights"], scheme["group_size"], req.activations)
     if progress:
         progress("quantize", layers, layers)
     save_model(model, output, _provenance(loaded.info, source))

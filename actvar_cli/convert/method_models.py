@@ -73,9 +73,10 @@ class MethodBuilder:
         policy = stack_policy(stack, S, model.policy if model is not self.dense else None)
         if policy is not None:
             policy.check_runnable(model.cfg)
-        if stack.quantization:
-            model = copy.deepcopy(model) if model is self.dense else model
-            quantize_model(model, stack.quantization)
+        if stack.quantization_scheme:
+            model = copy.deepcopy(model)  # a conversion's modules are shared by every stack built on it
+            weights, activations = stack.quantization_scheme
+            quantize_model(model, weights, activations=activations)
         what = FAMILIES[stack.single][1] if stack.single != "stack" else "a stack of " + ", ".join(stack.families)
         return Method(stack.name, stack.single, model, policy, what)
 

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..files import atomic_path, atomic_write_text, sha256_file
 from ..models.checkpoint import CheckpointInfo, stored_json
+from ..quant.apply import quantization_part
 from ..sparsity.flops import count_flops
 from ..sparsity.methods import FAMILIES
 from .download import MODEL_FILE, OFFICIAL_REPO, DownloadTarget, check_reachable, endpoint, hub_error, quiet_retries
@@ -138,8 +139,9 @@ def write_push_folder(
     report = count_flops(cfg.replace(num_experts=0), info.policy, cfg.num_experts)
     method = info.metadata.get("method", "")
     parts = method.split("+") if method else []
-    if info.quantization and info.quantization["weights"] not in parts:
-        parts.append(info.quantization["weights"])
+    quant_part = quantization_part(info.quantization)
+    if quant_part and quant_part not in parts:
+        parts.append(quant_part)
     summary = {
         "base_checkpoint": info.metadata.get("base_checkpoint", ""),
         "experts": cfg.num_experts,

@@ -61,6 +61,12 @@ class FFN(nn.Module):
             return F.linear(h.float(), self.router.weight.float(), self.router.bias.float())
 
 
+def linear_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``layer``'s product with another bias than its own; a quantized layer (quant/linear.py) runs
+    its own kernel, which may take int8 inputs."""
+    return F.linear(x, layer.weight, bias) if type(layer) is nn.Linear else layer(x, bias)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors and q is scaled
     by a learnable per-head factor exp(min(s, log 100)) (upstream's ``scale_mul_1H11``)."""
@@ -87,7 +93,7 @@ class SelfAttention(nn.Module):
     def qkv(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = self.switch.apply(F.linear(x_BLC, self.mat_qkv.weight, bias), x_BLC, self.delta_qkv)
+        qkv = self.switch.apply(linear_with_bias(self.mat_qkv, x_BLC, bias), x_BLC, self.delta_qkv)
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, L, c
         if self.attn_l2_norm:

@@ -6,7 +6,10 @@ in float: routers and selectors (their choices must not hinge on rounding), embe
 AdaLN and ``shared_ada_lin`` (small), and every bias.
 
 A file stores ``X.qweight`` and ``X.scales`` in place of ``X.weight``, and the scheme in its
-metadata under ``quantization``: ``{"weights": "int8" | "int4", "group_size": null | G}``.
+metadata under ``quantization``: ``{"weights": "int8" | "int4", "group_size": null | G}``, and
+``"activations": "int8"`` where the blocks' layers also quantize their inputs (``w8a8``,
+quant/linear.py). The head keeps float inputs even then: its logits are what sampling draws from,
+and int8 inputs there cost the reference model 0.4-0.8 FID where the blocks' cost none (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -36,17 +39,35 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if is_quantizable(n, m)]
 
 
-def make_scheme(weights: str, group_size: int | None = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
-    check_scheme(weights, group_size)
-    return {"weights": weights, "group_size": group_size if weights == "int4" else None}
+def make_scheme(weights: str, group_size: int | None = DEFAULT_GROUP_SIZE, activations: str = "float") -> dict:
+    check_scheme(weights, group_size, activations=activations)
+    scheme = {"weights": weights, "group_size": group_size if weights == "int4" else None}
+    return {**scheme, "activations": activations} if activations != "float" else scheme  # weight-only files as before
+
+
+def activations_of(scheme: Mapping[str, Any]) -> str:
+    return scheme.get("activations", "float")
+
+
+def layer_activations(name: str, activations: str) -> str:
+    """What one layer's inputs are under a scheme's ``activations``: the head's stay float."""
+    return "float" if name == "head" else activations
+
+
+def quantization_part(scheme: Mapping[str, Any] | None) -> str | None:
+    """The stack part that writes ``scheme`` (int8, int4 or w8a8)."""
+    if not scheme:
+        return None
+    return "w8a8" if activations_of(scheme) == "int8" else scheme["weights"]
 
 
 def scheme_of(model: nn.Module) -> dict[str, Any] | None:
     """The model's scheme, read off its layers (None: not quantized)."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            return {"weights": m.weights, "group_size": m.group_size}
-    return None
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return None
+    acts = "int8" if any(m.activations == "int8" for m in layers) else "float"  # the head's are float
+    return make_scheme(layers[0].weights, layers[0].group_size, acts)
 
 
 def refuse_quantized(scheme: Mapping[str, Any] | None, name: str, hint: str) -> None:
@@ -56,17 +77,20 @@ def refuse_quantized(scheme: Mapping[str, Any] | None, name: str, hint: str) -> 
         raise ConfigError(f"{name} is quantized ({weights}): it cannot be trained, converted or quantized again", hint)
 
 
-def quantize_model(model: nn.Module, weights: str, group_size: int | None = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
+def quantize_model(
+    model: nn.Module, weights: str, group_size: int | None = DEFAULT_GROUP_SIZE, activations: str = "float"
+) -> dict[str, Any]:
     """Replace every quantizable ``nn.Linear`` by a ``QuantLinear``, in place; returns the scheme.
 
     Every layer is checked before the first is replaced, so a bad group size leaves the model whole."""
-    scheme = make_scheme(weights, group_size)
+    scheme = make_scheme(weights, group_size, activations)
     refuse_quantized(scheme_of(model), "the model", "quantize the float model it was made from")
     layers = quantizable_layers(model)
     for name, linear in layers:
         check_scheme(weights, scheme["group_size"], linear.in_features, name)
     for name, linear in layers:
-        _replace(model, name, QuantLinear.from_linear(linear, weights, scheme["group_size"]))
+        acts = layer_activations(name, activations)
+        _replace(model, name, QuantLinear.from_linear(linear, weights, scheme["group_size"], acts))
     return scheme
 
 
@@ -88,7 +112,7 @@ def read_scheme(meta: Mapping[str, str], source: str) -> dict[str, Any] | None:
         stored = json.loads(meta[METADATA_KEY])
         if not isinstance(stored, dict) or stored.get("weights") not in SCHEMES:
             raise ValueError(f"weights must be one of {', '.join(SCHEMES)}")
-        return make_scheme(stored["weights"], stored.get("group_size"))
+        return make_scheme(stored["weights"], stored.get("group_size"), stored.get("activations", "float"))
     except (ValueError, ConfigError) as e:
         raise CheckpointError(f"{source}: its quantization metadata is invalid ({e})", "write the file again") from e
 
@@ -154,8 +178,9 @@ def install_quant_layers(model: nn.Module, sd: Mapping[str, torch.Tensor], schem
             linear = None
         if linear is None or not is_quantizable(name, linear):
             raise CheckpointError(f"{key} is not a weight actvar quantizes", "write the file with `actvar quantize`")
+        acts = layer_activations(name, activations_of(scheme))
         layer = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, weights=scheme["weights"],
-                            group_size=scheme["group_size"], device=linear.weight.device)  # fmt: skip
+                            group_size=scheme["group_size"], activations=acts, device=linear.weight.device)  # fmt: skip
         _replace(model, name, layer)
 
 

@@ -7,6 +7,8 @@ scale; a stack that cannot hold is refused in one line before any model is built
 
 * two parts that prune tokens, or two that prune experts (one rule of each kind per stack);
 * skipping a scale that another part prunes;
+* two guidance parts (``cfg-off`` and ``cfg-sharp``), or ``cfg-sharp`` on a model trained without
+  guidance at its last scales (its logits are already guided there);
 * a part listed twice, two quantizations, or ``skipped-kv`` / ``skipped-update`` without a token
   rule (or with FastVAR's).
 """
@@ -20,7 +22,9 @@ from ..errors import ConfigError
 from .methods import method_policy, parse_method
 from .policy import SparsityPolicy
 
-QUANT_PARTS = ("int8", "int4")  # weights quantized after the model is built (actvar quantize)
+# part -> (weights, activations) of the quantization it applies
+QUANT_SCHEMES = {"int8": ("int8", "float"), "int4": ("int4", "float"), "w8a8": ("int8", "int8")}
+QUANT_PARTS = tuple(QUANT_SCHEMES)  # quantized after the model is built (actvar quantize)
 FLAG_PARTS = ("skipped-kv", "skipped-update", "kv-int8")  # how skipped tokens are treated; how the KV cache is stored
 SKIPPED_FLAGS = {"skipped-kv": "skipped_kv", "skipped-update": "skipped_update"}  # part -> policy field
 
@@ -39,6 +43,11 @@ class Stack:
     @property
     def quantization(self) -> str | None:
         return next((f for f in self.families if f in QUANT_PARTS), None)
+
+    @property
+    def quantization_scheme(self) -> tuple[str, str] | None:
+        """(weights, activations) of its quantization part, as ``quantize_model`` takes them."""
+        return QUANT_SCHEMES[self.quantization] if self.quantization else None
 
     @property
     def model_file(self) -> str | None:
@@ -75,7 +84,7 @@ def parse_stack(spec: str) -> Stack:
     if len(parts) > 1 and "dense" in families:
         raise ConfigError(f"{spec}: dense is the reference, not a part of a stack")
     if sum(f in QUANT_PARTS for f in families) > 1:
-        raise ConfigError(f"{spec}: one weight quantization per stack (int8 or int4)")
+        raise ConfigError(f"{spec}: one quantization per stack ({', '.join(QUANT_PARTS)})")
     return Stack(spec.strip(), parts)
 
 
@@ -105,7 +114,12 @@ def _merge(name: str, parts: list[tuple[str, SparsityPolicy]], S: int) -> Sparsi
             raise ConfigError(f"{name}: {' and '.join(f for f, _ in found)} both {kind}", "keep one of them")
     token_part, expert_part = (tokens[0][1] if tokens else None), (experts[0][1] if experts else None)
     scales = sorted({s for _, p in (tokens + experts) for s in p.scales})
-    guidance = [p.guidance_off for _, p in parts if p.guidance_off]
+    guidance = [(f, p) for f, p in parts if p.guidance_off]
+    methods = [f for f, _ in guidance if not f.startswith("actvar")]
+    if len(methods) > 1:
+        raise ConfigError(f"{name}: {' and '.join(methods)} both turn guidance off", "keep one of them")
+    if "cfg-sharp" in methods and len(guidance) > 1:  # the model's own policy has no guidance at its last scales
+        raise ConfigError(f"{name}: the model was trained without guidance at its last scales", "drop cfg-sharp")
     skip = max((p.skip_last for _, p in parts), default=0)
     if skip and any(s > S - skip for s in scales):
         raise ConfigError(f"{name}: it skips the last {skip} scale(s), which another part prunes", "drop one")
@@ -116,7 +130,8 @@ def _merge(name: str, parts: list[tuple[str, SparsityPolicy]], S: int) -> Sparsi
         token_rule=token_part.token_rule if token_part else "selector",
         expert_rule=expert_part.expert_rule if expert_part else "router",
         thresholds=_thresholds(expert_part, scales),
-        guidance_off=max(guidance, default=0),
+        guidance_off=max((p.guidance_off for _, p in guidance), default=0),
+        guidance_sharpen=any(p.guidance_sharpen for _, p in guidance),
         skip_last=skip,
         skipped_kv=bool(token_part and token_part.skipped_kv),
         skipped_update=bool(token_part and token_part.skipped_update),

@@ -1,4 +1,4 @@
-"""Weight-only quantization: error bounds, packing, which layers, kernels, files and commands."""
+"""Quantization: error bounds, packing, int8 products, which layers, kernels, files and commands."""
 
 import json
 import weakref
@@ -127,6 +127,23 @@ def test_quant_linear_computes_the_linear_layer_and_keeps_no_float_weight():
             q.weight = lin.weight  # nor register one as a parameter
 
 
+def test_int8_activations_make_the_product_an_int8_one(monkeypatch):
+    torch.manual_seed(3)
+    lin = nn.Linear(128, 64)
+    x = torch.randn(2, 5, 128)
+    q = QuantLinear.from_linear(lin, "int8", activations="int8")
+    products = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append((a.dtype, b.dtype)) or int_mm(a, b))
+    y, ref = q(x), lin(x)
+    assert products == [(torch.int8, torch.int8)] and y.shape == ref.shape and y.dtype == torch.float32
+    assert (y - ref).abs().max() < 0.03 * ref.abs().max()  # the input's rounding adds to the weights'
+    other = torch.randn(64)  # attention passes its q/k/v biases to a layer that has none
+    torch.testing.assert_close(q(x, other) - other, y - lin.bias, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="int8 weights"):
+        QuantLinear(128, 64, weights="int4", activations="int8")
+
+
 # -- which layers -------------------------------------------------------------------------------
 
 
@@ -219,10 +236,11 @@ def test_generation_holds_one_float_weight_at_a_time(tiny_int8, dequantized):
 
 
 @pytest.mark.slow
-def test_int8_tiny_predicts_what_the_float_model_predicts(tiny):
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_int8_tiny_predicts_what_the_float_model_predicts(tiny, activations):
     float_model, vae = tiny
     quantized, _ = load_var("tiny")
-    quantize_model(quantized, "int8")
+    quantize_model(quantized, "int8", activations=activations)
     labels = torch.tensor([0, 9])
     ref = generate(float_model, vae, labels, rng=image_generators(5, [0, 1], "cpu"), keep_logits=True)
     forced = ref.tokens  # the float model's tokens, as under teacher forcing
@@ -274,6 +292,21 @@ def test_an_int4_actvar_model_round_trips(tmp_path):
     assert type(again.blocks[1].ffn.router) is nn.Linear
     labels, x = torch.tensor([1, 2]), torch.randn(2, SMALL.seq_len - 1, SMALL.vae_dim)
     torch.testing.assert_close(again(labels, x), model(labels, x))
+
+
+def test_int8_activations_are_recorded_in_the_file_and_run_from_it(tmp_path, run_cli):
+    path = tmp_path / "w8a8.safetensors"
+    run_cli("quantize", "tiny", "--weights", "int8", "--activations", "int8", "-o", path)
+    scheme = {"weights": "int8", "group_size": None, "activations": "int8"}
+    assert json.loads(run_cli("inspect", path, "--json", "--no-hash").stdout)["quantization"] == scheme
+    model, info = load_var(path)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert info.quantization == scheme and len(layers) == 31
+    assert layers.pop("head").activations == "float"  # sampling draws from its logits: float inputs
+    assert all(m.activations == "int8" for m in layers.values())
+    r = run_cli("quantize", "tiny", "--weights", "int4", "--activations", "int8", "-o", tmp_path / "x.safetensors",
+                expect=2)  # fmt: skip
+    one_line_error(r, "int8 activations need int8 weights")
 
 
 def test_a_file_that_lies_about_its_quantization_is_refused(tiny_int8, tmp_path, run_cli):

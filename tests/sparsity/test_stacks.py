@@ -22,6 +22,10 @@ def test_parts_act_on_their_own_share_of_the_work():
     p = merged("static-experts:0.5+ear:0.75")
     assert p.weight_rates == (0.5, 0.5) and p.token_rule == "centre"
     assert parse_stack("fastvar:0.5+int8").quantization == "int8"
+    assert parse_stack("cfg-sharp:2+w8a8").quantization == "w8a8"
+    p = merged("cfg-sharp:2+fixed-tokens:0.5+skipped-kv")
+    assert p.guidance_off == 2 and p.guidance_sharpen and p.to_dict()["guidance_sharpen"]
+    assert not merged("cfg-off:2").guidance_sharpen and "guidance_sharpen" not in merged("cfg-off:2").to_dict()
     assert merged("int8") is None  # the dense model, quantized
 
 
@@ -32,7 +36,10 @@ def test_parts_act_on_their_own_share_of_the_work():
         ("dmoe:0.5+static-experts:0.5", "both prune experts"),
         ("skip-last:1+ear:0.5", "skips the last 1"),
         ("cfg-off:1+cfg-off:2", "more than once"),
-        ("int8+int4", "one weight quantization"),
+        ("int8+int4", "one quantization"),
+        ("w8a8+int8", "one quantization"),
+        ("cfg-off:1+cfg-sharp:2", "both turn guidance off"),
+        ("w8a8:2", "takes no parameter"),
         ("fastvar:0.5+skipped-kv", "skipped-kv"),
         ("cfg-off:1+skipped-kv", "skipped-kv"),
         ("fastvar:0.5+skipped-update", "skipped-update"),
@@ -45,6 +52,19 @@ def test_parts_act_on_their_own_share_of_the_work():
 def test_a_stack_that_cannot_hold_is_one_line(spec, words):
     with pytest.raises(ConfigError, match=words):
         merged(spec)
+
+
+def test_cfg_sharp_is_refused_where_a_model_was_trained_without_guidance(run_cli, tmp_path):
+    from actvar_cli.sparsity.policy import SparsityPolicy
+
+    distilled = SparsityPolicy(scales=(), token_rates=(), weight_rates=(), guidance_off=7)
+    with pytest.raises(ConfigError, match="trained without guidance"):
+        stack_policy(parse_stack("actvar+cfg-sharp:1"), 7, distilled)
+    assert stack_policy(parse_stack("actvar+w8a8"), 7, distilled).guidance_off == 7
+    path = tmp_path / "sharp.safetensors"
+    run_cli("moefy", "tiny", "-o", path, "--method", "cfg-sharp:1", "--calib-images", "2")
+    r = run_cli("distill-stage2", path, "--config", "tiny", "--out-dir", tmp_path / "d", expect=2)
+    assert "cfg-sharp" in r.stderr and len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
 
 
 def test_stacks_are_one_line_and_exit_2_in_every_command(run_cli, tmp_path):
