@@ -52,5 +52,5 @@ $actvar compare tiny --ref shapes --num "$num" --repeats 7 --json --plot "$out/b
 actvar,actvar:$quality/corner.safetensors,actvar:$quality/default-s2/model.safetensors,\
 actvar:$quality/corner-s2/model.safetensors,static-experts:0.75,static-experts:0.5,fixed-tokens:0.75,\
 fixed-tokens:0.5,fastvar:0.25,fastvar:0.5,fastvar:0.75,dmoe:0.5,dmoe:0.9,skip-last:1,skip-last:2,cfg-off:1,\
-cfg-off:2,ear:0.75,ear:0.5 > "$out/budgets.json"
+cfg-off:2,cfg-sharp:1,cfg-sharp:2,cfg-sharp:3,w8a8,ear:0.75,ear:0.5 > "$out/budgets.json"
 echo "results in $out/"

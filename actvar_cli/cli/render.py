@@ -358,6 +358,7 @@ def tune_report(r: dict[str, Any]) -> None:
             ("* " if p["stack"] == r["chosen"] else "") + p["stack"],
             f"{p['flops_savings']:.1%}",
             f"{p['speedup']:.2f}x",
+            f"{p['estimate']:.2f}x",
             f"{p['fid']:.2f}",
             f"{p['fid'] / r['dense_fid']:.2f}",
             f"{p['class_accuracy']:.1%}" if p["class_accuracy"] is not None else "",
@@ -366,7 +367,7 @@ def tune_report(r: dict[str, Any]) -> None:
         ]
         for p in points
     ]
-    names = ["stack", "FLOPs saved", "speedup", "FID", "x dense", "class accuracy", "drift", "front"]
+    names = ["stack", "FLOPs saved", "speedup", "estimate", "FID", "x dense", "class accuracy", "drift", "front"]
     title = f"actvar tune: {len(points)} of {len(r['points'])} stacks fully measured (dense FID {r['dense_fid']:.2f})"
     out.print(columns(title, names, body, first_left=True))
     if r["chosen"]:

@@ -120,7 +120,9 @@ def scale_plot(points: list[dict[str, Any]], path: str | Path) -> Path:
 def tune_plot(
     points: list[dict[str, Any]], path: str | Path, *, cap: float, dense_fid: float, chosen: str | None
 ) -> Path:
-    """Measured speedup against FID of every fully evaluated stack: the cap, the front, the choice."""
+    """Measured speedup against FID of every fully evaluated stack: the cap, the front, the choice.
+    Only the front and the choice are named (the others crowd; the report lists them all), and FID
+    is on a log axis when it spans more than a factor of 5."""
     plt = _pyplot()
     done = [p for p in points if p.get("fid") is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
@@ -129,11 +131,16 @@ def tune_plot(
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:green", lw=2, label="front")
     ax.scatter(xs, ys, s=30, color="tab:blue", zorder=2)
     ax.scatter([dense_fid], [1.0], s=60, color="black", zorder=3, label="dense")
-    for p, x, y in zip(done, xs, ys):
-        ax.annotate(p["stack"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for i, (p, x, y) in enumerate(zip(done, xs, ys)):
+        if i in front or p["stack"] == chosen:  # neighbours on the front alternate: right below, left above
+            right = front.index(i) % 2 == 0 if i in front else True
+            ax.annotate(p["stack"], (x, y), textcoords="offset points", xytext=(4, -9) if right else (-4, 4),
+                        ha="left" if right else "right", fontsize=7)  # fmt: skip
         if p["stack"] == chosen:
             ax.scatter([x], [y], s=220, marker="*", color="tab:red", zorder=4, label="chosen")
     ax.axvline(cap, color="tab:red", ls="--", lw=1, label=f"cap (FID {cap:.2f})")
+    if xs and max(xs + [dense_fid]) > 5 * min(xs + [dense_fid]):
+        ax.set_xscale("log")
     ax.set_xlabel("FID (lower is better)")
     ax.set_ylabel("measured speedup over dense")
     ax.grid(alpha=0.3)

@@ -1,8 +1,11 @@
 """``tune``: find the cheapest stack of methods that keeps quality within a cap.
 
-Every stack of the search space is first ranked on a cheap signal: its FLOPs, and how far its images
-drift from the dense model's in the yardstick's feature space (the same seeds, a few dozen images).
-Only the promising ones, the points no other point beats on both, get the full yardstick: FID and
+Every stack of the search space is first ranked on a cheap signal: its gain (the speedup its FLOPs
+promise, times the speedup its quantization part measured alone; for ``--objective flops`` the FLOPs
+saved), and how far its images drift from the dense model's in the yardstick's feature space (the
+same seeds, a few dozen images). Single timings on a shared CPU swing by a third from one second to
+the next, so the signal does not time each stack. Only the promising ones, the points no other point
+beats on both, get the full yardstick: FID and
 class accuracy on ``num`` samples and the speedup measured as ``bench`` measures it (interleaved runs
 against the dense model, median of run-by-run ratios). The front is walked like a bisection from its
 cheapest end, so that the cap's boundary is found in a few full evaluations, and what budget is left
@@ -30,13 +33,14 @@ from ..generation.jobs import generate_images
 from ..progress import Progress
 from ..runtime import Runtime
 from ..sparsity.flops import count_flops
-from ..sparsity.stacks import parse_stack, stack_policy
+from ..sparsity.stacks import QUANT_PARTS, Stack, parse_stack, stack_policy
 from .compare import agreement, experts_per_token
 from .fidelity import ArraySet, extract, fidelity, yardstick_for
 from .plots import pareto_front
 from .timing import one_run, paired_speedup
 
-GUIDANCE = ("", "cfg-off:1", "cfg-off:2")
+# cfg-sharp keeps guidance's sharpening for the same work as cfg-off, which measured worse at every N
+GUIDANCE = ("", "cfg-sharp:1", "cfg-sharp:2", "cfg-sharp:3", "cfg-sharp:4")
 TOKENS = (
     "",
     "fixed-tokens:0.75+skipped-kv",
@@ -46,7 +50,8 @@ TOKENS = (
     "fastvar:0.5",
 )
 EXPERTS = ("", "dmoe:0.5", "static-experts:0.75")
-SKIPS = ("", "skip-last:1")
+WEIGHTS = ("", "w8a8")
+SKIPS = ("", "skip-last:1", "skip-last:2")
 
 
 @dataclass
@@ -89,6 +94,7 @@ class Point:
     flops_savings: float
     drift: float  # mean squared feature distance to the dense images, over the dense features' variance
     kl: float  # KL(dense || stack) of the guided distributions, forced onto the dense tokens
+    estimate: float = 1.0  # the signal's speedup: 1 / (1 - FLOPs saved), times the quantization's measured one
     fid: float | None = None
     class_accuracy: float | None = None
     speedup: float | None = None
@@ -137,18 +143,36 @@ class TuneCache:
 
 
 def search_space(num_scales: int, candidates: list[str]) -> list[str]:
-    """Every stack of one guidance part, one token rule, one expert rule and scale skipping, plus
-    each candidate model alone and without guidance at its last scales."""
+    """Every stack of one guidance part, one token rule, one expert rule, a quantization and scale
+    skipping, plus each candidate model alone and with guidance and quantization parts. Skipping goes
+    only with guidance and quantization (a token or expert rule acts on the scales it would skip), and
+    guidance only where it still runs."""
     stacks = []
     for g in GUIDANCE:
-        for t in TOKENS:
-            for e in EXPERTS:
-                for s in SKIPS:
-                    spec = "+".join(p for p in (t, e, g, s) if p)
-                    if spec and _holds(spec, num_scales):
-                        stacks.append(spec)
-        stacks += [f"actvar:{c}" + (f"+{g}" if g else "") for c in candidates]
+        for w in WEIGHTS:
+            for t in TOKENS:
+                for e in EXPERTS:
+                    for s in SKIPS:
+                        spec = "+".join(p for p in (t, e, g, w, s) if p)
+                        if spec and _holds(spec, num_scales) and not _idle_guidance(g, s):
+                            stacks.append(spec)
+            stacks += ["+".join(p for p in (f"actvar:{c}", g, w) if p) for c in candidates]
     return stacks
+
+
+def _float_sibling(stack: Stack) -> str:
+    """The stack without its quantization part (``dense`` for a quantization alone)."""
+    return "+".join(f"{f}:{a}" if a else f for f, a in stack.parts if f not in QUANT_PARTS) or "dense"
+
+
+def _names_a_candidate(stack: str) -> bool:
+    """A model the user named, alone or quantized (with no part that changes what it draws)."""
+    return stack.startswith("actvar:") and "+" not in _float_sibling(parse_stack(stack))
+
+
+def _idle_guidance(guidance: str, skip: str) -> bool:
+    """Guidance turned off only at scales that are skipped: the same stack as the skip alone."""
+    return bool(guidance and skip) and int(guidance.split(":")[1]) <= int(skip.split(":")[1])
 
 
 def _holds(spec: str, num_scales: int) -> bool:
@@ -189,6 +213,14 @@ class Tuner:
         self.cache.put("quality", "dense", s, quality)
         return {"labels": labels, "features": feats, "variance": float(feats.var(0).sum()), **quality}
 
+    def quantized_speedup(self, part: str) -> float:
+        """What a quantization part alone gains, measured as ``full`` measures it (once per search)."""
+        cached = self.cache.get("speed", part, self.settings)
+        if cached is None:
+            cached = {"speedup": self._speedup(self.build(part))}
+            self.cache.put("speed", part, self.settings, cached)
+        return cached["speedup"]
+
     def _features(self, images_NHWC: np.ndarray) -> np.ndarray:
         ys = yardstick_for(self.settings.ref, self.settings.inception_weights)
         return extract(ArraySet(images_NHWC), ys, self.runtime.device)[ys.fid_layer]
@@ -208,22 +240,32 @@ class Tuner:
     # -- the cheap signal and the full yardstick ----------------------------------------------
 
     def signal(self, stack: str, ref: dict[str, Any]) -> Point:
+        """FLOPs saved, drift and KL. A quantized stack takes the drift of the same stack in float:
+        rounding every weight changes a token here and there from the first scale on, and a seed's
+        images then go other ways however little the distribution moves (w8a8 on tiny: KL 0.002 to
+        dense, yet as much drift as pruning a quarter of the tokens). Its KL is its own."""
         s = self.settings
+        parts = parse_stack(stack)
+        estimate = self.quantized_speedup(parts.quantization) if parts.quantization else 1.0
         cached = self.cache.get("signal", stack, s)
         if cached is None:
             m = self.build(stack)
-            images = generate_images(
-                m.model, self.vae, ref["labels"], seed=s.seed, batch_size=s.batch_size, runtime=self.runtime,
-                policy=m.policy,
-            )  # fmt: skip
-            drift = float(((self._features(images) - ref["features"]) ** 2).sum(1).mean() / ref["variance"])
+            drift = self.signal(_float_sibling(parts), ref).drift if parts.quantization else self._drift(m, ref)
             agree = agreement(m, self.dense, self.vae, n=min(8, s.signal_images), seed=s.seed, runtime=self.runtime)
             per_token = experts_per_token(m, agree.pop("pairs_run"), min(8, s.signal_images)) if m.policy else None
             cfg = m.model.cfg
             savings = count_flops(cfg.replace(num_experts=0), m.policy, cfg.num_experts or 16, per_token).savings
             cached = {"flops_savings": savings, "drift": drift, "kl": agree["kl"]}
             self.cache.put("signal", stack, s, cached)
-        return Point(stack, **cached)
+        return Point(stack, **cached, estimate=estimate / (1 - cached["flops_savings"]))
+
+    def _drift(self, method, ref: dict[str, Any]) -> float:
+        s = self.settings
+        images = generate_images(
+            method.model, self.vae, ref["labels"], seed=s.seed, batch_size=s.batch_size, runtime=self.runtime,
+            policy=method.policy,
+        )  # fmt: skip
+        return float(((self._features(images) - ref["features"]) ** 2).sum(1).mean() / ref["variance"])
 
     def full(self, point: Point) -> Point:
         s = self.settings
@@ -258,7 +300,11 @@ class Tuner:
         for i, stack in enumerate(stacks):
             if self.out_of_time():
                 break
-            points.append(self.signal(stack, ref))
+            try:
+                points.append(self.signal(stack, ref))
+            except ConfigError:  # a part that this candidate model refuses (cfg-sharp on a guidance-distilled one)
+                if "actvar:" not in stack:
+                    raise
             self._tick("cheap signal", i + 1, len(stacks))
         for k, point in enumerate(self._order(points, cap)):
             if k >= self.settings.max_evals or self.out_of_time():
@@ -271,14 +317,16 @@ class Tuner:
         return report
 
     def _order(self, points: list[Point], cap: float):
-        """The promising points in the order they are fully evaluated: the front of FLOPs saved against
-        drift, bisected from its cheapest end to find where the cap falls, then the boundary's
-        neighbours, then the rest of the front and the next layer. The models the user named
-        (``--candidates``) come first, alone: the cheap signal measures drift from the dense images,
-        and a model trained to draw other images (guidance distillation) would never be reached."""
-        yield from (p for p in points if p.stack.startswith("actvar:") and "+" not in p.stack)
-        front = _front_of(points)  # cheapest (most FLOPs saved) first
-        rest = _front_of([p for p in points if p not in front])
+        """The promising points in the order they are fully evaluated: the front of the signal's gain
+        against drift, bisected from its cheapest end to find where the cap falls, then that end itself
+        (the front's fast end, which the cap rarely admits), the boundary's neighbours, the rest of the
+        front and the next layer. The models the user named (``--candidates``) come first, alone and
+        quantized: the cheap signal measures drift from the dense images, and a model trained to draw
+        other images (guidance distillation) would never be reached."""
+        named = [p for p in points if _names_a_candidate(p.stack)]
+        yield from sorted(named, key=lambda p: "+" in p.stack)  # each alone, then quantized
+        front = self._signal_front(points)  # cheapest (the most gain) first
+        rest = self._signal_front([p for p in points if p not in front])
         lo, hi = 0, len(front) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -287,6 +335,8 @@ class Tuner:
                 hi = mid - 1  # it holds: look at cheaper points
             else:
                 lo = mid + 1
+        if front and not front[0].evaluated:
+            yield front[0]
         near = sorted(front + rest, key=lambda p: abs(front.index(p) - lo) if p in front else len(front))
         yield from (p for p in near if not p.evaluated)
 
@@ -302,12 +352,12 @@ class Tuner:
     def _gain(self, p: Point) -> float:
         return p.speedup if self.settings.objective == "speedup" else p.flops_savings
 
+    def _signal_front(self, points: list[Point]) -> list[Point]:
+        """Points that no other beats on both the signal's gain and drift, the most gain first."""
+        speed = self.settings.objective == "speedup"
+        idx = pareto_front([(-(p.estimate if speed else p.flops_savings), p.drift) for p in points])
+        return [points[i] for i in idx]
+
     def _tick(self, what: str, done: int, total: int) -> None:
         if self.progress:
             self.progress(what, done, total)
-
-
-def _front_of(points: list[Point]) -> list[Point]:
-    """Points that no other beats on both FLOPs saved and drift, the most FLOPs saved first."""
-    idx = pareto_front([(-p.flops_savings, p.drift) for p in points])
-    return [points[i] for i in idx]
