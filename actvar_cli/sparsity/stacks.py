@@ -115,10 +115,11 @@ def _merge(name: str, parts: list[tuple[str, SparsityPolicy]], S: int) -> Sparsi
     token_part, expert_part = (tokens[0][1] if tokens else None), (experts[0][1] if experts else None)
     scales = sorted({s for _, p in (tokens + experts) for s in p.scales})
     guidance = [(f, p) for f, p in parts if p.guidance_off]
-    methods = [f for f, _ in guidance if not f.startswith("actvar")]
-    if len(methods) > 1:
-        raise ConfigError(f"{name}: {' and '.join(methods)} both turn guidance off", "keep one of them")
-    if "cfg-sharp" in methods and len(guidance) > 1:  # the model's own policy has no guidance at its last scales
+    trained = [f for f, p in guidance if f.startswith("actvar") and not p.guidance_sharpen]  # guidance-distilled
+    rules = [f for f, _ in guidance if f not in trained]
+    if len(rules) > 1:
+        raise ConfigError(f"{name}: {' and '.join(rules)} both turn guidance off", "keep one of them")
+    if "cfg-sharp" in rules and trained:  # its logits at those scales are already guided
         raise ConfigError(f"{name}: the model was trained without guidance at its last scales", "drop cfg-sharp")
     skip = max((p.skip_last for _, p in parts), default=0)
     if skip and any(s > S - skip for s in scales):

@@ -61,6 +61,9 @@ def test_cfg_sharp_is_refused_where_a_model_was_trained_without_guidance(run_cli
     with pytest.raises(ConfigError, match="trained without guidance"):
         stack_policy(parse_stack("actvar+cfg-sharp:1"), 7, distilled)
     assert stack_policy(parse_stack("actvar+w8a8"), 7, distilled).guidance_off == 7
+    sharpened = SparsityPolicy(scales=(), token_rates=(), weight_rates=(), guidance_off=1, guidance_sharpen=True)
+    with pytest.raises(ConfigError, match="both turn guidance off"):  # a cfg-sharp file is not trained
+        stack_policy(parse_stack("actvar+cfg-sharp:2"), 7, sharpened)
     path = tmp_path / "sharp.safetensors"
     run_cli("moefy", "tiny", "-o", path, "--method", "cfg-sharp:1", "--calib-images", "2")
     r = run_cli("distill-stage2", path, "--config", "tiny", "--out-dir", tmp_path / "d", expect=2)
