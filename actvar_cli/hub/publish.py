@@ -13,9 +13,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..files import atomic_path, atomic_write_text, sha256_file
 from ..models.checkpoint import CheckpointInfo, stored_json
-from ..quant.apply import quantization_part
 from ..sparsity.flops import count_flops
 from ..sparsity.methods import FAMILIES
+from ..sparsity.stacks import quantization_part
 from .download import MODEL_FILE, OFFICIAL_REPO, DownloadTarget, check_reachable, endpoint, hub_error, quiet_retries
 
 

@@ -54,13 +54,6 @@ def layer_activations(name: str, activations: str) -> str:
     return "float" if name == "head" else activations
 
 
-def quantization_part(scheme: Mapping[str, Any] | None) -> str | None:
-    """The stack part that writes ``scheme`` (int8, int4 or w8a8)."""
-    if not scheme:
-        return None
-    return "w8a8" if activations_of(scheme) == "int8" else scheme["weights"]
-
-
 def scheme_of(model: nn.Module) -> dict[str, Any] | None:
     """The model's scheme, read off its layers (None: not quantized)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]

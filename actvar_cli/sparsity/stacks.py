@@ -16,7 +16,9 @@ scale; a stack that cannot hold is refused in one line before any model is built
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
 from .methods import method_policy, parse_method
@@ -62,6 +64,14 @@ class Stack:
     def single(self) -> str:
         """The family of a one-part stack, else ``stack``."""
         return self.families[0] if len(self.parts) == 1 else "stack"
+
+
+def quantization_part(scheme: Mapping[str, Any] | None) -> str | None:
+    """The stack part that writes a file's quantization ``scheme`` (None: a float file)."""
+    if not scheme:
+        return None
+    key = (scheme["weights"], scheme.get("activations", "float"))
+    return next(part for part, applied in QUANT_SCHEMES.items() if applied == key)
 
 
 def refuse_model_file(stack: Stack, command: str) -> None:
