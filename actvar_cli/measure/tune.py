@@ -154,7 +154,7 @@ def search_space(num_scales: int, candidates: list[str]) -> list[str]:
                 for e in EXPERTS:
                     for s in SKIPS:
                         spec = "+".join(p for p in (t, e, g, w, s) if p)
-                        if spec and _holds(spec, num_scales) and not _idle_guidance(g, s):
+                        if spec and _worth_searching(spec, num_scales):
                             stacks.append(spec)
             stacks += ["+".join(p for p in (f"actvar:{c}", g, w) if p) for c in candidates]
     return stacks
@@ -170,17 +170,14 @@ def _names_a_candidate(stack: str) -> bool:
     return stack.startswith("actvar:") and "+" not in _float_sibling(parse_stack(stack))
 
 
-def _idle_guidance(guidance: str, skip: str) -> bool:
-    """Guidance turned off only at scales that are skipped: the same stack as the skip alone."""
-    return bool(guidance and skip) and int(guidance.split(":")[1]) <= int(skip.split(":")[1])
-
-
-def _holds(spec: str, num_scales: int) -> bool:
+def _worth_searching(spec: str, num_scales: int) -> bool:
+    """A stack that holds, and whose guidance part does not act only on skipped scales (that stack
+    is the skip alone)."""
     try:
-        stack_policy(parse_stack(spec), num_scales)
+        policy = stack_policy(parse_stack(spec), num_scales)
     except ConfigError:
         return False
-    return True
+    return policy is None or not (policy.skip_last and 0 < policy.guidance_off <= policy.skip_last)
 
 
 @dataclass

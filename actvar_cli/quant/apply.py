@@ -105,7 +105,7 @@ def read_scheme(meta: Mapping[str, str], source: str) -> dict[str, Any] | None:
         stored = json.loads(meta[METADATA_KEY])
         if not isinstance(stored, dict) or stored.get("weights") not in SCHEMES:
             raise ValueError(f"weights must be one of {', '.join(SCHEMES)}")
-        return make_scheme(stored["weights"], stored.get("group_size"), stored.get("activations", "float"))
+        return make_scheme(stored["weights"], stored.get("group_size"), activations_of(stored))
     except (ValueError, ConfigError) as e:
         raise CheckpointError(f"{source}: its quantization metadata is invalid ({e})", "write the file again") from e
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..quant.apply import activations_of
 from .methods import method_policy, parse_method
 from .policy import SparsityPolicy
 
@@ -70,7 +71,7 @@ def quantization_part(scheme: Mapping[str, Any] | None) -> str | None:
     """The stack part that writes a file's quantization ``scheme`` (None: a float file)."""
     if not scheme:
         return None
-    key = (scheme["weights"], scheme.get("activations", "float"))
+    key = (scheme["weights"], activations_of(scheme))
     return next(part for part, applied in QUANT_SCHEMES.items() if applied == key)
 
 
