@@ -29,7 +29,7 @@ def moefy(
     ),
     config: Config = None,
     seed: int = typer.Option(0, help="Seed of calibration and clustering."),
-    method: str | None = typer.Option(None, help="Another method's model: fixed-tokens:0.75, static-experts:0.75."),
+    method: str | None = typer.Option(None, help="Another method's model, or a stack: cfg-sharp:2+w8a8."),
     device: Device = "auto",
     num_heads: NumHeads = None,
     as_json: Json = False,

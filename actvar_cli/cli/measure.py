@@ -160,7 +160,8 @@ def compare(
     """Every way to make a VAR cheaper on one yardstick: FLOPs, measured speed, agreement, quality.
 
     Methods: dense, actvar[:PATH], actvar-tokens, actvar-experts, static-experts[:rate], fixed-tokens[:rate],
-    fastvar[:ratio], dmoe[:tau], skip-last[:N], cfg-off[:N], ear[:rate] (docs/other-methods.md).
+    fastvar[:ratio], dmoe[:tau], skip-last[:N], cfg-off[:N], cfg-sharp[:N], ear[:rate] (docs/other-methods.md).
+    Stack them with +, and add skipped-kv, skipped-update, int8, int4, w8a8 or kv-int8: cfg-sharp:2+w8a8.
 
     Example: `actvar compare tiny --methods fastvar,dmoe,skip-last,static-experts,fixed-tokens --ref shapes
     --num 64 --json --plot p.png`
